@@ -1,0 +1,47 @@
+# shvit: two commands on a fresh machine:  make demo   and   make test
+# (both install first if needed). System packages for tinygrad's CPU and OpenCL devices:
+#   sudo apt-get install -y clang pocl-opencl-icd
+PY      := .venv/bin/python
+STAMP   := .venv/.installed
+export PYTHONHASHSEED := 0
+
+.PHONY: install test test-fast test-thorough docs-test lint demo demo-weights bench figures clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml requirements-dev.txt
+	test -x $(PY) || python3 -m venv .venv
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements-dev.txt
+	$(PY) -m pip install -q --no-deps -e .
+	touch $(STAMP)
+
+test: install  ## everything: unit, equivalence (hypothesis 'ci' profile), CLI, docs
+	$(PY) -m pytest -q -n 2 --dist loadgroup tests
+
+test-fast: install
+	$(PY) -m pytest -q -x tests -m "not slow"
+
+test-thorough: install  ## many more hypothesis examples, for humans with time
+	HYPOTHESIS_PROFILE=thorough $(PY) -m pytest -q -n 2 --dist loadgroup tests
+
+docs-test: install  ## run every python code block of docs/*.md and README.md
+	$(PY) -m pytest -q tests/test_docs.py
+
+lint: install
+	$(PY) -m ruff check shvit_numpy shvit_torch shvit_tiny tests benchmarks
+
+demo: install  ## the main job: train on digits, evaluate in all three runtimes
+	$(PY) -m shvit_torch.demo --out runs/demo
+
+demo-weights: install  ## remake the bundled demo weights and sample images
+	$(PY) -m shvit_torch.demo --out runs/demo-weights --bundle
+
+bench: install
+	$(PY) -m benchmarks.bench
+
+figures: install
+	$(PY) -m docs.figures
+
+clean:
+	rm -rf runs .pytest_cache .hypothesis

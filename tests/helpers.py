@@ -1,0 +1,90 @@
+"""The shared test helpers: one comparison for every check, random weights from a seed.
+
+``assert_close`` checks shape, then dtype, then values against atol + rtol * |ref|, and on
+failure names the tensor, the max abs/rel difference and the worst index: a failure
+explains itself. ``randomize`` gives a torch model random weights AND random BatchNorm
+statistics (the default init zeroes many residual branches and would hide bugs).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+# Tolerances, in one place (docs/05-three-frameworks.md explains them). float32 results
+# differ by summation order only; errors grow with depth and with |logits|.
+TOL = {
+    "float32": dict(atol=1e-4, rtol=1e-4),  # whole models and blocks, float32 everywhere
+    "float16": dict(atol=5e-2, rtol=5e-2),  # tinygrad --half against float32 torch
+}
+
+
+def to_numpy(x) -> np.ndarray:
+    if hasattr(x, "detach"):  # torch
+        return x.detach().cpu().numpy()
+    if hasattr(x, "numpy") and not isinstance(x, np.ndarray):  # tinygrad
+        return x.numpy()
+    return np.asarray(x)
+
+
+def compare(name: str, got, ref, atol: float, rtol: float, dtype=None) -> str | None:
+    """None when ``got`` matches ``ref``; else one line saying what differs and where."""
+    got, ref = to_numpy(got), to_numpy(ref)
+    if got.shape != ref.shape:
+        return f"{name}: shape {list(got.shape)} != expected {list(ref.shape)}"
+    if dtype is not None and got.dtype != np.dtype(dtype):
+        return f"{name}: dtype {got.dtype} != expected {np.dtype(dtype)}"
+    g, r = got.astype(np.float64), ref.astype(np.float64)
+    if not np.isfinite(g).all():
+        return f"{name}: {int((~np.isfinite(g)).sum())} non-finite values"
+    diff = np.abs(g - r)
+    bad = diff > atol + rtol * np.abs(r)
+    if not bad.any():
+        return None
+    worst = np.unravel_index(np.argmax(diff - rtol * np.abs(r)), diff.shape)
+    rel = diff / np.maximum(np.abs(r), 1e-12)
+    return (f"{name}: {int(bad.sum())}/{bad.size} values off; max abs diff {diff.max():.3g}, max rel diff {rel.max():.3g}; "
+            f"worst at {tuple(int(i) for i in worst)}: got {g[worst]:.6g}, expected {r[worst]:.6g} (atol {atol}, rtol {rtol})")
+
+
+def assert_close(name: str, got, ref, atol: float | None = None, rtol: float | None = None, dtype=None) -> None:
+    tol = TOL["float32"]
+    msg = compare(name, got, ref, tol["atol"] if atol is None else atol, tol["rtol"] if rtol is None else rtol, dtype)
+    assert msg is None, msg
+
+
+RESIDUAL_END = (".m.bn.weight", ".pw2.bn.weight", ".proj.1.bn.weight")
+
+
+def random_state(shapes: dict, seed: int) -> dict[str, np.ndarray]:
+    """Random canonical weights for ``shapes`` (name -> shape), scaled so activations stay O(1).
+
+    Kernels ~ N(0, 1/fan_in); BatchNorm weight ~ +-U(0.5, 1.5) (random signs; +-U(0.2, 0.5) for
+    the last BatchNorm of a residual branch, so activations do not grow with depth), bias and
+    running_mean ~ N(0, 0.2), running_var ~ U(0.5, 2); GroupNorm affine likewise.
+    """
+    rng = np.random.default_rng(seed)
+    out = {}
+    for k, shape in shapes.items():
+        if k.endswith("running_var"):
+            a = rng.uniform(0.5, 2.0, shape)
+        elif k.endswith(("running_mean", "bias")):
+            a = rng.normal(0, 0.2, shape)
+        elif k.endswith(RESIDUAL_END):  # last BN of a residual branch: smaller, so depth does not blow up
+            a = rng.uniform(0.2, 0.5, shape) * rng.choice([-1.0, 1.0], shape)
+        elif k.endswith(("bn.weight", "pre_norm.weight")):
+            a = rng.uniform(0.5, 1.5, shape) * rng.choice([-1.0, 1.0], shape)
+        else:  # conv / linear kernels
+            fan_in = int(np.prod(shape[1:])) if len(shape) > 1 else 1
+            a = rng.normal(0, 1 / np.sqrt(fan_in), shape)
+        out[k] = a.astype(np.float32)
+    return out
+
+
+def randomize(model, seed: int):
+    """Load ``random_state`` into a shvit_torch model (in place); returns the numpy state."""
+    import torch
+
+    from shvit_numpy.names import state_shapes
+
+    state = random_state(state_shapes(model.config), seed)
+    model.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()}, strict=False)
+    return state
