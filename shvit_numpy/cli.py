@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -69,6 +69,9 @@ def resolve_weights(weights: Path | None) -> Path:
 def read_npy(path: Path, in_chans: int) -> np.ndarray:
     if not path.is_file():
         raise ShvitError(f"input file not found: {path}")
+    with open(path, "rb") as f:
+        if f.read(6) != b"\x93NUMPY":
+            raise ShvitError(f"{path} is not a .npy file (expected a float32 array saved with numpy.save)")
     try:
         x = np.load(path, allow_pickle=False)
     except (ValueError, OSError, EOFError) as e:

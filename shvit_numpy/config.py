@@ -62,14 +62,14 @@ class SHViTConfig:
         c = self.embed_dim[0]
         return (c // 8, c // 4, c // 2, c)
 
-    def replace(self, **changes) -> "SHViTConfig":
+    def replace(self, **changes) -> SHViTConfig:
         return dataclasses.replace(self, **changes)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str) -> "SHViTConfig":
+    def from_json(cls, text: str) -> SHViTConfig:
         try:
             fields = json.loads(text)
         except json.JSONDecodeError as e:

@@ -6,7 +6,6 @@ Each block that can be folded for inference has ``fuse()``, returning an equival
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from shvit_numpy.config import se_channels

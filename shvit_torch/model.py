@@ -90,7 +90,7 @@ class SHViT(nn.Module):
         return self.forward_head(self.forward_features(x))
 
     # -- inference and fine-tuning ----------------------------------------------------------------
-    def fuse(self) -> "SHViT":
+    def fuse(self) -> SHViT:
         """A folded inference copy (eval mode): every ConvBN -> Conv2d, head BN -> Linear,
         residual depthwise ConvBN -> one Conv2d. Outputs equal this model's in eval mode."""
         fused = copy.deepcopy(self).eval()

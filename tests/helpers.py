@@ -88,3 +88,33 @@ def randomize(model, seed: int):
     state = random_state(state_shapes(model.config), seed)
     model.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()}, strict=False)
     return state
+
+
+def authors_file(state: dict, path, *, fp16=False, two_d=False, training=False, prefix_module=False) -> None:
+    """Write ``state`` (canonical numpy) as the authors' ``.pth`` in one of the spec's shapes:
+    ``{'model': sd}``, float16 tensors, 1x1 kernels stored 2-D, or a training-program dict with
+    ``optimizer``, ``lr_scheduler``, ``epoch``, ``scaler``, ``model_ema`` and ``args``."""
+    import argparse
+
+    import torch
+
+    from shvit_numpy.names import canonical_to_authors
+
+    sd = {}
+    for k, v in state.items():
+        t = torch.from_numpy(np.array(v))
+        if two_d and t.ndim == 4 and t.shape[2:] == (1, 1):
+            t = t[:, :, 0, 0].clone()
+        if fp16:
+            t = t.half()
+        name = ("module." if prefix_module else "") + canonical_to_authors(k)
+        sd[name] = t
+        if k.endswith("running_var"):
+            sd[name.replace("running_var", "num_batches_tracked")] = torch.tensor(7)
+    obj = {"model": sd}
+    if training:
+        ema = {k: v.clone() + 1 if v.is_floating_point() else v for k, v in sd.items()}
+        obj.update(optimizer={"state": {}, "param_groups": [{"lr": 1e-3}]}, lr_scheduler={"last_epoch": 3},
+                   epoch=299, scaler={"scale": 65536.0}, model_ema=ema,
+                   args=argparse.Namespace(model="shvit_s1", lr=1e-3, batch_size=256, distillation_type="none"))
+    torch.save(obj, path)

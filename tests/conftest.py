@@ -1,0 +1,21 @@
+"""Hypothesis profiles, registered once for the whole suite.
+
+* ``ci`` (hypothesis loads it by itself when ``CI`` is set; also the default here):
+  derandomized, few examples, no deadline: fits ``make test``'s 10-minute budget.
+* ``thorough`` (``make test-thorough``): many more examples, for humans with time.
+Select one with ``HYPOTHESIS_PROFILE=name``.
+"""
+import os
+import sys
+from pathlib import Path
+
+from hypothesis import HealthCheck, settings
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+_common = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+               print_blob=True)
+settings.register_profile("ci", settings.get_profile("ci"), max_examples=8, derandomize=True, **_common)
+settings.register_profile("dev", max_examples=8, derandomize=True, **_common)
+settings.register_profile("thorough", max_examples=200, **_common)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev"))

@@ -1,0 +1,183 @@
+"""Weight files: canonical, timm and the authors' formats load and reproduce the model's logits;
+every bad file gives the library's one-line error (API) and exit code 2 (CLIs)."""
+import json
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import safetensors.numpy
+import torch
+
+import shvit_torch
+from shvit_numpy.config import VARIANTS, SHViTConfig
+from shvit_numpy.errors import ShvitError
+from shvit_numpy.names import state_shapes
+from shvit_numpy.weights import load_weights, read_safetensors
+from tests.helpers import assert_close, authors_file, randomize
+
+SMALL = SHViTConfig(embed_dim=(16, 24, 40), partial_dim=(4, 8, 12), depth=(1, 2, 1), num_classes=7)
+X = torch.randn(2, 3, 45, 38, generator=torch.Generator().manual_seed(1))
+
+
+def logits(model):
+    with torch.no_grad():
+        return model.eval()(X)
+
+
+@pytest.fixture(scope="module")
+def s1():
+    model = shvit_torch.create("s1").eval()
+    state = randomize(model, seed=11)
+    return model, state
+
+
+def test_canonical_round_trip_keeps_every_bit_and_metadata(tmp_path, s1):
+    model, state = s1
+    path = tmp_path / "m.safetensors"
+    shvit_torch.save(model, path, resolution=224)
+    tensors, meta = read_safetensors(path)
+    assert list(tensors) == list(state_shapes(model.config))
+    assert all(np.array_equal(tensors[k], state[k]) and tensors[k].dtype == np.float32 for k in state)
+    assert json.loads(meta["shvit_config"])["embed_dim"] == [128, 224, 320]
+    assert meta["shvit_resolution"] == "224"
+    loaded = shvit_torch.load(path)
+    assert loaded.config == model.config and not loaded.training
+    assert torch.equal(logits(loaded), logits(model))
+
+
+def test_file_is_readable_by_the_safetensors_package(tmp_path, s1):
+    model, state = s1
+    shvit_torch.save(model, tmp_path / "m.safetensors")
+    other = safetensors.numpy.load_file(tmp_path / "m.safetensors")
+    assert set(other) == set(state) and all(np.array_equal(other[k], state[k]) for k in state)
+
+
+@pytest.mark.parametrize("kind", ["safetensors", "pth"])
+def test_timm_files_load(tmp_path, s1, kind):
+    """timm's names are the canonical names; its files carry num_batches_tracked and no metadata."""
+    model, state = s1
+    sd = dict(model.state_dict())
+    if kind == "safetensors":
+        path = tmp_path / "model.safetensors"
+        safetensors.numpy.save_file({k: v.numpy() for k, v in sd.items()}, path)
+    else:
+        path = tmp_path / "shvit_s1.pth"
+        torch.save(sd, path)
+    loaded = shvit_torch.load(path)
+    assert loaded.config == VARIANTS["s1"]
+    assert_close(f"timm {kind} logits", logits(loaded), logits(model), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("opts", [{}, {"training": True}, {"two_d": True}, {"prefix_module": True},
+                                  {"fp16": True, "two_d": True, "training": True}])
+def test_authors_files_load(tmp_path, s1, opts):
+    model, state = s1
+    path = tmp_path / "shvit_s1.pth"
+    authors_file(state, path, **opts)
+    loaded = shvit_torch.load(path)
+    assert loaded.config == VARIANTS["s1"]
+    if opts.get("fp16"):  # the file holds float16-rounded weights: compare with exactly those
+        ref = shvit_torch.create("s1")
+        ref.load_state_dict({k: torch.from_numpy(v.astype(np.float16).astype(np.float32)) for k, v in state.items()}, strict=False)
+        assert_close("authors fp16 logits", logits(loaded), logits(ref))
+    else:
+        assert_close("authors logits", logits(loaded), logits(model), atol=0, rtol=0)
+
+
+def test_authors_file_takes_model_not_ema(tmp_path, s1):
+    model, state = s1
+    authors_file(state, tmp_path / "a.pth", training=True)  # model_ema holds state + 1
+    assert torch.equal(logits(shvit_torch.load(tmp_path / "a.pth")), logits(model))
+
+
+def test_config_is_inferred_for_custom_and_distilled_models(tmp_path):
+    cfg = SMALL.replace(distillation=True, types=("s", "s", "s"), qk_dim=(8, 4, 16))
+    model = shvit_torch.create(cfg)
+    state = randomize(model, seed=12)
+    authors_file(state, tmp_path / "c.pth", fp16=False)
+    loaded = shvit_torch.load(tmp_path / "c.pth")
+    assert loaded.config == cfg
+    assert torch.equal(logits(loaded), logits(model))
+
+
+def test_pickle_code_never_runs(tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    torch.save({"model": {"x": Evil()}}, tmp_path / "evil.pth")
+    with pytest.raises(ShvitError):
+        shvit_torch.load(tmp_path / "evil.pth")
+    assert not marker.exists()
+
+
+def test_convert_cli_authors_to_canonical(tmp_path, s1):
+    model, state = s1
+    authors_file(state, tmp_path / "shvit_s1.pth", training=True, two_d=True)
+    out = tmp_path / "s1.safetensors"
+    r = subprocess.run([sys.executable, "-m", "shvit_torch.convert", str(tmp_path / "shvit_s1.pth"), str(out)],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    w = load_weights(out)  # the numpy base reads it: no torch needed from here on
+    assert w.config == VARIANTS["s1"] and w.labels[0] == "tench" and len(w.labels) == 1000
+    assert torch.equal(logits(shvit_torch.load(out)), logits(model))
+
+
+# ---- bad files: the API raises ShvitError with one line; the CLIs exit 2 without a traceback ----
+
+SHAPE_ERROR = r"tensor 'stages.1.blocks.0.mixer.m.qkv.c.weight' has shape \[80, 47, 1, 1\], expected \[80, 48, 1, 1\]"
+
+
+def _bad_files(tmp_path, s1) -> dict:
+    """{expected error text: a file that must cause it}."""
+    model, state = s1
+    torch_state = {k: torch.from_numpy(v) for k, v in state.items()}
+    shvit_torch.save(model, tmp_path / "good.safetensors")
+    good = (tmp_path / "good.safetensors").read_bytes()
+    torch.save({"model": torch_state}, tmp_path / "full.pth")
+    full = (tmp_path / "full.pth").read_bytes()
+    files = {}
+
+    def add(match, name, writer):
+        files[match] = tmp_path / name
+        writer(files[match])
+
+    add("weight file not found", "missing.safetensors", lambda p: None)
+    add("truncated", "trunc.safetensors", lambda p: p.write_bytes(good[: len(good) // 2]))
+    add("not a valid safetensors", "text.safetensors", lambda p: p.write_text("hello, I am not a checkpoint\n" * 10))
+    add("not a readable torch checkpoint", "trunc.pth", lambda p: p.write_bytes(full[: len(full) // 3]))
+    add("empty", "empty.pth", lambda p: p.write_bytes(b""))
+    add("unknown tensor 'stages.0.blocks.0.extra'", "unknown.safetensors",
+        lambda p: safetensors.numpy.save_file({**state, "stages.0.blocks.0.extra": np.zeros(3, np.float32)}, p))
+    add("missing tensor 'head.l.bias'", "missing_key.pth",
+        lambda p: torch.save({k: v for k, v in torch_state.items() if k != "head.l.bias"}, p))
+    bad = {**state, "stages.1.blocks.0.mixer.m.qkv.c.weight": np.zeros((80, 47, 1, 1), np.float32)}
+    add(SHAPE_ERROR, "shape.safetensors",
+        lambda p: safetensors.numpy.save_file(bad, p, metadata={"shvit_config": model.config.to_json()}))
+    add("holds no SHViT weights", "other.safetensors",
+        lambda p: safetensors.numpy.save_file({"encoder.weight": np.zeros(3, np.float32)}, p))
+    return files
+
+
+def test_bad_files_raise_one_line_library_error(tmp_path, s1):
+    for match, path in _bad_files(tmp_path, s1).items():
+        with pytest.raises(ShvitError, match=match) as info:
+            shvit_torch.load(path)
+        assert "\n" not in str(info.value), str(info.value)
+
+
+def test_bad_files_exit_2_from_the_clis(tmp_path, s1):
+    np.save(tmp_path / "x.npy", np.zeros((1, 3, 32, 32), np.float32))
+    for match, path in _bad_files(tmp_path, s1).items():
+        for cmd in (["shvit_torch.run", "--weights", str(path), "--input", str(tmp_path / "x.npy")],
+                    ["shvit_torch.convert", str(path), str(tmp_path / "out.safetensors")]):
+            r = subprocess.run([sys.executable, "-m", *cmd], capture_output=True, text=True)
+            assert r.returncode == 2, (cmd, r.stderr)
+            assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+            assert re.search(match, r.stderr), (match, r.stderr)
+    assert not (tmp_path / "out.safetensors").exists()  # nothing half-written
