@@ -1,0 +1,311 @@
+"""SHViT's building blocks in plain NumPy, named as in the spec and in shvit_torch/layers.py.
+
+Layout: activations are channels-last, (B, H, W, C). Then a 1x1 convolution is ONE matrix
+product over the last axis, (B*H*W, C_in) @ (C_in, C_out), a depthwise 3x3 is nine shifted
+multiply-adds of contiguous channel vectors, and the tokens of attention are simply
+``x.reshape(B, H*W, C)``. Weights keep PyTorch's layout and names ((C_out, C_in/groups, k, k))
+so that the same weight file loads everywhere; the model converts NCHW input once, at its edge.
+
+Every class mirrors its shvit_torch twin attribute for attribute; ``fuse()`` folds BatchNorm
+into the convolution before it (see ``ConvBN.fuse`` for the algebra).
+"""
+from __future__ import annotations
+
+import numpy as np
+from numpy.lib.stride_tricks import as_strided
+
+
+class Module:
+    """A plain container: its sub-layers are attributes (or lists), named like the weights."""
+
+    def children(self):
+        for name, value in vars(self).items():
+            if isinstance(value, (Module, list)):
+                yield name, value
+
+
+def fuse(module):
+    """Replace, depth first, every layer that has ``fuse()`` by its folded form."""
+    if hasattr(module, "fuse"):
+        return module.fuse()
+    for name, child in list(module.children()):
+        setattr(module, name, [fuse(c) for c in child] if isinstance(child, list) else fuse(child))
+    return module
+
+
+# ---- elementary operations ---------------------------------------------------------------------
+
+def sigmoid(x: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+def softmax(s: np.ndarray, axis: int = -1) -> np.ndarray:
+    """Numerically stable: exp(s - max) never overflows, and the max cancels in the ratio."""
+    e = np.exp(s - s.max(axis=axis, keepdims=True))
+    return e / e.sum(axis=axis, keepdims=True)
+
+
+def pad_hw(x: np.ndarray, p: int) -> np.ndarray:
+    """Zero padding of H and W: (B, H, W, C) -> (B, H+2p, W+2p, C)."""
+    return np.pad(x, ((0, 0), (p, p), (p, p), (0, 0))) if p else x
+
+
+def im2col(x: np.ndarray, k: int, stride: int, padding: int) -> np.ndarray:
+    """(B, H, W, C) -> (B, H', W', k, k, C) windows: a strided VIEW, no copy until used."""
+    x = pad_hw(x, padding)
+    B, H, W, C = x.shape
+    Ho, Wo = (H - k) // stride + 1, (W - k) // stride + 1
+    sb, sh, sw, sc = x.strides
+    return as_strided(x, (B, Ho, Wo, k, k, C), (sb, sh * stride, sw * stride, sh, sw, sc), writeable=False)
+
+
+def conv_dense(x: np.ndarray, w: np.ndarray, stride: int, padding: int) -> np.ndarray:
+    """Dense convolution as one matrix product: (B*H'*W', k*k*C_in) @ (k*k*C_in, C_out)."""
+    cout, cin, k, _ = w.shape
+    if k == 1 and stride == 1 and padding == 0:  # one GEMM over all pixels (an N-D matmul would
+        return (x.reshape(-1, cin) @ w[:, :, 0, 0].T).reshape(*x.shape[:-1], cout)  # run one per row)
+    cols = im2col(x, k, stride, padding)  # (B, H', W', k, k, C_in)
+    B, Ho, Wo = cols.shape[:3]
+    w_mat = w.transpose(2, 3, 1, 0).reshape(k * k * cin, cout)  # rows ordered (ky, kx, c) like cols
+    return (cols.reshape(B * Ho * Wo, k * k * cin) @ w_mat).reshape(B, Ho, Wo, cout)
+
+
+def conv_depthwise(x: np.ndarray, w: np.ndarray, stride: int, padding: int) -> np.ndarray:
+    """Depthwise k x k convolution: k*k shifted multiply-adds, each over whole (B, H', W', C) slabs."""
+    C, _, k, _ = w.shape
+    xp = pad_hw(x, padding)
+    B, H, W, _ = xp.shape
+    Ho, Wo = (H - k) // stride + 1, (W - k) // stride + 1
+    out = np.zeros((B, Ho, Wo, C), dtype=x.dtype)
+    tmp = np.empty_like(out)
+    for i in range(k):  # k*k = 9 taps; each tap is one vectorised pass, never a loop over pixels
+        for j in range(k):
+            tap = xp[:, i:i + stride * (Ho - 1) + 1:stride, j:j + stride * (Wo - 1) + 1:stride, :]
+            np.multiply(tap, w[:, 0, i, j], out=tmp)
+            out += tmp
+    return out
+
+
+# ---- layers with weights -----------------------------------------------------------------------
+
+class Conv2d(Module):
+    """A convolution (dense or depthwise) with optional bias; weight is (C_out, C_in/groups, k, k)."""
+
+    def __init__(self, cin, cout, k=1, stride=1, padding=0, groups=1, bias=False):
+        self.stride, self.padding, self.groups = stride, padding, groups
+        self.weight = np.zeros((cout, cin // groups, k, k), np.float32)
+        self.bias = np.zeros(cout, np.float32) if bias else None
+
+    def __call__(self, x):  # (B, H, W, C_in) -> (B, H', W', C_out)
+        if self.groups == 1:
+            y = conv_dense(x, self.weight, self.stride, self.padding)
+        elif self.groups == self.weight.shape[0] == x.shape[-1]:
+            y = conv_depthwise(x, self.weight, self.stride, self.padding)
+        else:
+            raise NotImplementedError("SHViT only has dense and depthwise convolutions")
+        if self.bias is not None:
+            y += self.bias
+        return y
+
+
+class BatchNorm2d(Module):
+    """Inference BatchNorm: y = (x - mean) * g / sqrt(var + eps) + beta, per channel (last axis)."""
+
+    def __init__(self, c, eps=1e-5):
+        self.weight, self.bias = np.ones(c, np.float32), np.zeros(c, np.float32)
+        self.running_mean, self.running_var = np.zeros(c, np.float32), np.ones(c, np.float32)
+        self.eps = eps
+
+    def scale_shift(self):
+        """The affine map BatchNorm is at inference: y = x * scale + shift."""
+        scale = self.weight / np.sqrt(self.running_var + np.float32(self.eps))
+        return scale, self.bias - self.running_mean * scale
+
+    def __call__(self, x):
+        scale, shift = self.scale_shift()
+        return x * scale + shift
+
+
+BatchNorm1d = BatchNorm2d  # the same per-channel map on (B, C)
+
+
+class ConvBN(Module):
+    """Conv2d without bias (``c``), then BatchNorm2d (``bn``)."""
+
+    def __init__(self, cin, cout, k=1, stride=1, padding=0, groups=1):
+        self.c = Conv2d(cin, cout, k, stride, padding, groups)
+        self.bn = BatchNorm2d(cout)
+
+    def __call__(self, x):
+        return self.bn(self.c(x))
+
+    def fuse(self) -> Conv2d:
+        """BN(conv(x)) = scale * (w * x) + shift = (scale * w) * x + shift, per output channel:
+        w' = w * g / sqrt(var + eps),  b' = beta - mean * g / sqrt(var + eps)."""
+        scale, shift = self.bn.scale_shift()
+        conv = Conv2d(1, 1, stride=self.c.stride, padding=self.c.padding, groups=self.c.groups, bias=True)
+        conv.weight = (self.c.weight * scale[:, None, None, None]).astype(np.float32)
+        conv.bias = shift.astype(np.float32)
+        return conv
+
+
+class ReLU(Module):
+    def __call__(self, x):
+        return np.maximum(x, 0)
+
+
+class Residual(Module):
+    """x + m(x)."""
+
+    def __init__(self, m):
+        self.m = m
+
+    def __call__(self, x):
+        return x + self.m(x)
+
+    def fuse(self):
+        """x + dwconv(x) is one depthwise conv: the identity is a kernel with 1 at its centre tap."""
+        if isinstance(self.m, ConvBN) and self.m.c.groups > 1:
+            conv = self.m.fuse()
+            conv.weight[:, 0, conv.weight.shape[2] // 2, conv.weight.shape[3] // 2] += 1.0
+            return conv
+        self.m = fuse(self.m)
+        return self
+
+
+class FFN(Module):
+    """1x1 C -> 2C, ReLU, 1x1 2C -> C."""
+
+    def __init__(self, c, hidden):
+        self.pw1, self.pw2 = ConvBN(c, hidden), ConvBN(hidden, c)
+
+    def __call__(self, x):
+        return self.pw2(np.maximum(self.pw1(x), 0))
+
+
+class GroupNorm(Module):
+    """GroupNorm with ONE group: normalise each sample over all of (H, W, C), then a per-channel affine."""
+
+    def __init__(self, c, eps=1e-5):
+        self.weight, self.bias, self.eps = np.ones(c, np.float32), np.zeros(c, np.float32), eps
+
+    def __call__(self, x):  # (B, H, W, C)
+        mean = x.mean(axis=(1, 2, 3), keepdims=True)
+        var = ((x - mean) ** 2).mean(axis=(1, 2, 3), keepdims=True)  # biased, as torch
+        return (x - mean) / np.sqrt(var + np.float32(self.eps)) * self.weight + self.bias
+
+
+class SingleHeadAttention(Module):
+    """SHSA: one attention head over the first ``pdim`` channels; the other C - pdim pass untouched.
+
+    The paper's point: heads in multi-head attention are largely redundant, so one head on a
+    fraction of the channels keeps the global mixing at a fraction of the cost, while the
+    untouched channels carry local (convolutional) information alongside.
+    """
+
+    def __init__(self, dim, qk_dim, pdim):
+        self.dim, self.qk_dim, self.pdim = dim, qk_dim, pdim
+        self.scale = np.float32(qk_dim ** -0.5)
+        self.pre_norm = GroupNorm(pdim)
+        self.qkv = ConvBN(pdim, 2 * qk_dim + pdim)
+        self.proj = [ReLU(), ConvBN(dim, dim)]
+        self.keep_attention, self.last_attention = False, None
+
+    def attention(self, x):
+        """(B, H, W, C) -> attended x1 (B, H, W, pdim), untouched x2 (B, H, W, C - pdim), attn (B, N, N)."""
+        B, H, W, _ = x.shape
+        x1, x2 = x[..., :self.pdim], x[..., self.pdim:]
+        qkv = self.qkv(self.pre_norm(x1)).reshape(B, H * W, -1)  # (B, N, 2qk + pdim): tokens are pixels
+        q, k, v = np.split(qkv, [self.qk_dim, 2 * self.qk_dim], axis=-1)  # (B, N, qk), (B, N, qk), (B, N, pdim)
+        attn = softmax((q @ k.transpose(0, 2, 1)) * self.scale)  # (B, N, N): rows are queries, sum to 1
+        x1 = (attn @ v).reshape(B, H, W, self.pdim)  # each query's weighted mean of the values
+        return x1, x2, attn
+
+    def __call__(self, x):
+        x1, x2, attn = self.attention(x)
+        if self.keep_attention:
+            self.last_attention = attn
+        y = np.concatenate([x1, x2], axis=-1)  # (B, H, W, C)
+        for layer in self.proj:  # ReLU, then 1x1 ConvBN C -> C
+            y = layer(y)
+        return y
+
+
+class SqueezeExcite(Module):
+    """x * sigmoid(fc2(relu(fc1(mean over H, W)))): a per-channel gate from global context."""
+
+    def __init__(self, ch, rd):
+        self.fc1, self.fc2 = Conv2d(ch, rd, bias=True), Conv2d(rd, ch, bias=True)
+
+    def __call__(self, x):  # (B, H, W, C)
+        s = x.mean(axis=(1, 2), keepdims=True)  # (B, 1, 1, C)
+        return x * sigmoid(self.fc2(np.maximum(self.fc1(s), 0)))
+
+
+class PatchMerging(Module):
+    """Halve H and W, C -> C': 1x1 to 4C, ReLU, depthwise 3x3 stride 2, ReLU, SE, 1x1 to C'."""
+
+    def __init__(self, dim, out_dim, rd):
+        hid = 4 * dim
+        self.conv1 = ConvBN(dim, hid)
+        self.conv2 = ConvBN(hid, hid, 3, 2, 1, groups=hid)
+        self.se = SqueezeExcite(hid, rd)
+        self.conv3 = ConvBN(hid, out_dim)
+
+    def __call__(self, x):
+        x = np.maximum(self.conv1(x), 0)
+        x = np.maximum(self.conv2(x), 0)
+        return self.conv3(self.se(x))
+
+
+class BasicBlock(Module):
+    """Residual depthwise 3x3 (local mixing), residual SHSA (type "s": global mixing), residual FFN."""
+
+    def __init__(self, dim, qk_dim, pdim, kind):
+        self.conv = Residual(ConvBN(dim, dim, 3, 1, 1, groups=dim))
+        self.mixer = Residual(SingleHeadAttention(dim, qk_dim, pdim)) if kind == "s" else None
+        self.ffn = Residual(FFN(dim, 2 * dim))
+
+    def __call__(self, x):
+        x = self.conv(x)
+        if self.mixer is not None:
+            x = self.mixer(x)
+        return self.ffn(x)
+
+
+class Stage(Module):
+    """An optional downsample (5 layers, stages 2 and 3), then BasicBlocks."""
+
+    def __init__(self, downsample, blocks):
+        self.downsample, self.blocks = downsample, blocks
+
+    def __call__(self, x):
+        for layer in (self.downsample or []) + self.blocks:
+            x = layer(x)
+        return x
+
+
+class Linear(Module):
+    def __init__(self, cin, cout):
+        self.weight, self.bias = np.zeros((cout, cin), np.float32), np.zeros(cout, np.float32)
+
+    def __call__(self, x):  # (B, C_in) -> (B, C_out)
+        return x @ self.weight.T + self.bias
+
+
+class NormLinear(Module):
+    """BatchNorm1d then Linear: the classifier head."""
+
+    def __init__(self, cin, cout):
+        self.bn, self.l = BatchNorm1d(cin), Linear(cin, cout)
+
+    def __call__(self, x):
+        return self.l(self.bn(x))
+
+    def fuse(self) -> Linear:
+        """W (x * s + t) + b = (W * s) x + (W t + b), with s, t the BatchNorm's scale and shift."""
+        scale, shift = self.bn.scale_shift()
+        lin = Linear(1, 1)
+        lin.weight = (self.l.weight * scale[None, :]).astype(np.float32)
+        lin.bias = (self.l.weight @ shift + self.l.bias).astype(np.float32)
+        return lin
