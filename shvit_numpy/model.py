@@ -12,9 +12,7 @@ import numpy as np
 
 from .checks import check_array
 from .config import SHViTConfig, default_resolution, se_channels
-from .layers import (
-    FFN, BasicBlock, ConvBN, Module, NormLinear, PatchMerging, ReLU, Residual, SingleHeadAttention, Stage, fuse,
-)
+from .layers import FFN, BasicBlock, ConvBN, Module, NormLinear, PatchMerging, ReLU, Residual, SingleHeadAttention, Stage, fuse
 from .names import state_shapes
 from .weights import Weights, load_weights
 
