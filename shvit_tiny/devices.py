@@ -34,7 +34,8 @@ def resolve_device(name: str | None) -> str:
     base = ALIASES.get(base, base)
     full = base + name[len(name.split(":")[0]):]
     if base not in KNOWN:
-        raise ShvitError(f"unknown device {name!r}; tinygrad's devices are {', '.join(KNOWN)} (working here: {', '.join(available_devices())})")
+        works = ", ".join(available_devices())
+        raise ShvitError(f"unknown device {name!r}; tinygrad's devices are {', '.join(KNOWN)} (working here: {works})")
     if base == "CPU" and not shutil.which("clang") and not os.environ.get("CPU_LLVM"):
         raise ShvitError("tinygrad's CPU device needs clang: install it with `sudo apt-get install clang` (or `brew install llvm`)")
     try:

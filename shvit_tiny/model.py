@@ -80,7 +80,7 @@ class SHViT(Module):
 
     def half(self) -> SHViT:
         """Cast every weight to float16 (GroupNorm and softmax still compute in float32)."""
-        for name, child in list(self.children()):
+        for _, child in list(self.children()):
             _cast_tree(child, dtypes.float16)
         self.dtype = dtypes.float16
         return self
