@@ -53,7 +53,10 @@ class Numpy:
         return self.model(x)
 
     def block(self, path, x):
-        return np.asarray(walk(self.model, path)(x))
+        """NumPy's layers are channels-last inside: convert at the edge, as the model itself does."""
+        if x.ndim == 2:
+            return walk(self.model, path)(x)
+        return walk(self.model, path)(x.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
 
 
 class Tiny:
