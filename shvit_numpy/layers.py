@@ -20,7 +20,7 @@ class Module:
 
     def children(self):
         for name, value in vars(self).items():
-            if isinstance(value, (Module, list)):
+            if isinstance(value, Module) or (isinstance(value, list) and value and isinstance(value[0], Module)):
                 yield name, value
 
 
@@ -39,15 +39,23 @@ def sigmoid(x: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-x))
 
 
-def softmax(s: np.ndarray, axis: int = -1) -> np.ndarray:
-    """Numerically stable: exp(s - max) never overflows, and the max cancels in the ratio."""
-    e = np.exp(s - s.max(axis=axis, keepdims=True))
-    return e / e.sum(axis=axis, keepdims=True)
+def softmax(s: np.ndarray, axis: int = -1, inplace: bool = False) -> np.ndarray:
+    """Numerically stable: exp(s - max) never overflows, and the max cancels in the ratio.
+    ``inplace=True`` reuses ``s`` (for a fresh score matrix: no N x N temporaries)."""
+    e = np.subtract(s, s.max(axis=axis, keepdims=True), out=s if inplace else None)
+    np.exp(e, out=e)
+    e /= e.sum(axis=axis, keepdims=True)
+    return e
 
 
 def pad_hw(x: np.ndarray, p: int) -> np.ndarray:
-    """Zero padding of H and W: (B, H, W, C) -> (B, H+2p, W+2p, C)."""
-    return np.pad(x, ((0, 0), (p, p), (p, p), (0, 0))) if p else x
+    """Zero padding of H and W: (B, H, W, C) -> (B, H+2p, W+2p, C), a fresh C-contiguous array."""
+    if not p:
+        return x
+    B, H, W, C = x.shape
+    out = np.zeros((B, H + 2 * p, W + 2 * p, C), x.dtype)  # calloc'd: only the interior is written
+    out[:, p:p + H, p:p + W] = x
+    return out
 
 
 def im2col(x: np.ndarray, k: int, stride: int, padding: int) -> np.ndarray:
@@ -70,19 +78,44 @@ def conv_dense(x: np.ndarray, w: np.ndarray, stride: int, padding: int) -> np.nd
     return (cols.reshape(B * Ho * Wo, k * k * cin) @ w_mat).reshape(B, Ho, Wo, cout)
 
 
+DW_CHUNK_BYTES = 1 << 18  # depthwise work per step: ~256 KiB of output, so the nine passes stay in cache
+
+
 def conv_depthwise(x: np.ndarray, w: np.ndarray, stride: int, padding: int) -> np.ndarray:
-    """Depthwise k x k convolution: k*k shifted multiply-adds, each over whole (B, H', W', C) slabs."""
+    """Depthwise k x k convolution as k*k shifted multiply-adds over the padded input.
+
+    out[b, y, x, c] = sum_{i,j} xp[b, s*y + i, s*x + j, c] * w[c, 0, i, j]: each tap (i, j) is ONE
+    vectorised pass over a strided window of ``xp``, never a loop over pixels. Two details keep it
+    fast: at stride 1 the (W, C) axes are flattened, so a tap's window is Wo*C contiguous values per
+    row and its weights are tiled Wo times to match (NumPy then runs long inner loops); and the
+    batch is processed a few images at a time, so the accumulator stays in cache across the taps.
+    """
     C, _, k, _ = w.shape
-    xp = pad_hw(x, padding)
+    xp = pad_hw(x, padding)  # (B, H, W, C), H and W padded
     B, H, W, _ = xp.shape
     Ho, Wo = (H - k) // stride + 1, (W - k) // stride + 1
-    out = np.zeros((B, Ho, Wo, C), dtype=x.dtype)
-    tmp = np.empty_like(out)
-    for i in range(k):  # k*k = 9 taps; each tap is one vectorised pass, never a loop over pixels
-        for j in range(k):
-            tap = xp[:, i:i + stride * (Ho - 1) + 1:stride, j:j + stride * (Wo - 1) + 1:stride, :]
-            np.multiply(tap, w[:, 0, i, j], out=tmp)
-            out += tmp
+    out = np.empty((B, Ho, Wo, C), x.dtype)
+    taps = w[:, 0].transpose(1, 2, 0)  # (k, k, C): the weights of tap (i, j), per channel
+    if stride == 1:
+        xp, acc_all, taps = xp.reshape(B, H, W * C), out.reshape(B, Ho, Wo * C), np.tile(taps, (1, 1, Wo))
+
+        def window(b, i, j):  # (b, Ho, Wo*C): rows i.., pixels j.. of the flattened rows
+            return xp[b, i:i + Ho, j * C:(j + Wo) * C]
+    else:
+        acc_all = out
+
+        def window(b, i, j):  # (b, Ho, Wo, C): every stride-th row and pixel from (i, j)
+            return xp[b, i:i + stride * (Ho - 1) + 1:stride, j:j + stride * (Wo - 1) + 1:stride]
+    step = max(1, DW_CHUNK_BYTES // max(1, out[0].nbytes))
+    for b0 in range(0, B, step):
+        b = slice(b0, b0 + step)
+        acc = acc_all[b]
+        np.multiply(window(b, 0, 0), taps[0, 0], out=acc)
+        tmp = np.empty_like(acc)
+        for i in range(k):
+            for j in range(k):
+                if i or j:
+                    acc += np.multiply(window(b, i, j), taps[i, j], out=tmp)
     return out
 
 
@@ -150,8 +183,19 @@ class ConvBN(Module):
 
 
 class ReLU(Module):
+    """max(x, 0). ``inplace=True`` (as torch's flag) overwrites x: the model uses it only where x
+    is a fresh temporary (after a stem convolution, on the attention output)."""
+
+    def __init__(self, inplace: bool = False):
+        self.inplace = inplace
+
     def __call__(self, x):
-        return np.maximum(x, 0)
+        return np.maximum(x, 0, out=x if self.inplace else None)
+
+
+def relu_(x: np.ndarray) -> np.ndarray:
+    """In-place ReLU for temporaries a layer has just made itself."""
+    return np.maximum(x, 0, out=x)
 
 
 class Residual(Module):
@@ -161,10 +205,14 @@ class Residual(Module):
         self.m = m
 
     def __call__(self, x):
-        return x + self.m(x)
+        y = self.m(x)  # a fresh array: add the shortcut into it (x + m(x), one allocation fewer)
+        y += x
+        return y
 
     def fuse(self):
-        """x + dwconv(x) is one depthwise conv: the identity is a kernel with 1 at its centre tap."""
+        """x + dwconv(x) is one depthwise conv. Channel c of a depthwise conv sees only channel c,
+        and the identity on it is the k x k kernel delta with a 1 at the centre tap (padding k // 2):
+        x + (w' * x + b') = (w' + delta) * x + b'. So fold BN into the conv, then add 1 at the centre."""
         if isinstance(self.m, ConvBN) and self.m.c.groups > 1:
             conv = self.m.fuse()
             conv.weight[:, 0, conv.weight.shape[2] // 2, conv.weight.shape[3] // 2] += 1.0
@@ -180,7 +228,7 @@ class FFN(Module):
         self.pw1, self.pw2 = ConvBN(c, hidden), ConvBN(hidden, c)
 
     def __call__(self, x):
-        return self.pw2(np.maximum(self.pw1(x), 0))
+        return self.pw2(relu_(self.pw1(x)))  # (B, H, W, hidden) -> (B, H, W, C)
 
 
 class GroupNorm(Module):
@@ -189,10 +237,13 @@ class GroupNorm(Module):
     def __init__(self, c, eps=1e-5):
         self.weight, self.bias, self.eps = np.ones(c, np.float32), np.zeros(c, np.float32), eps
 
-    def __call__(self, x):  # (B, H, W, C)
-        mean = x.mean(axis=(1, 2, 3), keepdims=True)
-        var = ((x - mean) ** 2).mean(axis=(1, 2, 3), keepdims=True)  # biased, as torch
-        return (x - mean) / np.sqrt(var + np.float32(self.eps)) * self.weight + self.bias
+    def __call__(self, x):  # (B, H, W, C) -> same
+        d = x - x.mean(axis=(1, 2, 3), keepdims=True)  # centred, per sample
+        var = np.square(d).mean(axis=(1, 2, 3), keepdims=True)  # (B, 1, 1, 1), biased, as torch
+        d /= np.sqrt(var + np.float32(self.eps))
+        d *= self.weight
+        d += self.bias
+        return d
 
 
 class SingleHeadAttention(Module):
@@ -208,7 +259,7 @@ class SingleHeadAttention(Module):
         self.scale = np.float32(qk_dim ** -0.5)
         self.pre_norm = GroupNorm(pdim)
         self.qkv = ConvBN(pdim, 2 * qk_dim + pdim)
-        self.proj = [ReLU(), ConvBN(dim, dim)]
+        self.proj = [ReLU(inplace=True), ConvBN(dim, dim)]
         self.keep_attention, self.last_attention = False, None
 
     def attention(self, x):
@@ -217,7 +268,9 @@ class SingleHeadAttention(Module):
         x1, x2 = x[..., :self.pdim], x[..., self.pdim:]
         qkv = self.qkv(self.pre_norm(x1)).reshape(B, H * W, -1)  # (B, N, 2qk + pdim): tokens are pixels
         q, k, v = np.split(qkv, [self.qk_dim, 2 * self.qk_dim], axis=-1)  # (B, N, qk), (B, N, qk), (B, N, pdim)
-        attn = softmax((q @ k.transpose(0, 2, 1)) * self.scale)  # (B, N, N): rows are queries, sum to 1
+        scores = q @ k.transpose(0, 2, 1)  # (B, N, N): query x key dot products
+        scores *= self.scale
+        attn = softmax(scores, inplace=True)  # rows are queries and sum to 1
         x1 = (attn @ v).reshape(B, H, W, self.pdim)  # each query's weighted mean of the values
         return x1, x2, attn
 
@@ -253,9 +306,9 @@ class PatchMerging(Module):
         self.conv3 = ConvBN(hid, out_dim)
 
     def __call__(self, x):
-        x = np.maximum(self.conv1(x), 0)
-        x = np.maximum(self.conv2(x), 0)
-        return self.conv3(self.se(x))
+        x = relu_(self.conv1(x))  # (B, H, W, 4C)
+        x = relu_(self.conv2(x))  # (B, H/2, W/2, 4C)
+        return self.conv3(self.se(x))  # (B, H/2, W/2, C')
 
 
 class BasicBlock(Module):

@@ -13,7 +13,7 @@ import numpy as np
 from .checks import check_array
 from .config import SHViTConfig, default_resolution, se_channels
 from .layers import FFN, BasicBlock, ConvBN, Module, NormLinear, PatchMerging, ReLU, Residual, SingleHeadAttention, Stage, fuse
-from .names import state_shapes
+from .names import check_state, state_shapes, to_canonical
 from .weights import Weights, load_weights
 
 
@@ -43,8 +43,8 @@ class SHViT(Module):
         self.config = cfg
         self.labels, self.resolution = None, None
         d = (cfg.in_chans,) + cfg.stem_dims
-        self.patch_embed = [ConvBN(d[0], d[1], 3, 2, 1), ReLU(), ConvBN(d[1], d[2], 3, 2, 1), ReLU(),
-                            ConvBN(d[2], d[3], 3, 2, 1), ReLU(), ConvBN(d[3], d[4], 3, 2, 1)]
+        self.patch_embed = [ConvBN(d[0], d[1], 3, 2, 1), ReLU(inplace=True), ConvBN(d[1], d[2], 3, 2, 1), ReLU(inplace=True),
+                            ConvBN(d[2], d[3], 3, 2, 1), ReLU(inplace=True), ConvBN(d[3], d[4], 3, 2, 1)]
         self.stages = [
             Stage(downsample(cfg.embed_dim[s - 1], cfg.embed_dim[s]) if s else None,
                   [BasicBlock(cfg.embed_dim[s], cfg.qk_dim[s], cfg.partial_dim[s], cfg.types[s]) for _ in range(cfg.depth[s])])
@@ -55,15 +55,15 @@ class SHViT(Module):
 
     # -- weights ------------------------------------------------------------------------------------
     def load_state(self, state: dict[str, np.ndarray]) -> SHViT:
-        """Set every tensor by walking its canonical name: attributes, and list indices for digits."""
-        for name, shape in state_shapes(self.config).items():
+        """Set every tensor by walking its canonical name: attributes, and list indices for digits.
+
+        ``state`` holds numpy arrays under canonical (timm) or the authors' names; a missing,
+        unknown or mis-shaped tensor raises ``ShvitError`` naming it."""
+        state = to_canonical(state)  # float32, C-contiguous, canonical names
+        check_state(state, self.config)
+        for name in state_shapes(self.config):
             *path, leaf = name.split(".")
-            obj = self
-            for part in path:
-                obj = obj[int(part)] if part.isdigit() else getattr(obj, part)
-            value = np.ascontiguousarray(state[name], dtype=np.float32)
-            assert value.shape == shape, (name, value.shape, shape)  # check_state guarantees it
-            setattr(obj, leaf, value)
+            setattr(walk(self, path), leaf, state[name])
         return self
 
     def fuse(self) -> SHViT:
@@ -76,25 +76,35 @@ class SHViT(Module):
         yield from ((k, v) for k, v in super().children() if v is not None)
 
     # -- forward ------------------------------------------------------------------------------------
-    def forward_features(self, x: np.ndarray) -> np.ndarray:
-        """(B, H, W, 3) channels-last -> last stage (B, H/64, W/64, C3) channels-last."""
-        for layer in self.patch_embed:
+    # Public methods take and give NCHW, as torch does; inside, activations are channels-last.
+    def features(self, x: np.ndarray) -> np.ndarray:
+        """Channels-last (B, H, W, 3) -> last stage (B, ceil(H/64), ceil(W/64), C3), unchecked."""
+        for layer in self.patch_embed:  # 4 stride-2 convs: (B, H/16, W/16, C1)
             x = layer(x)
-        for stage in self.stages:
+        for stage in self.stages:  # strides 16, 32, 64
             x = stage(x)
         return x
 
-    def forward_head(self, x: np.ndarray) -> np.ndarray:
-        pooled = x.mean(axis=(1, 2))  # global average pool: (B, C3)
+    def logits(self, pooled: np.ndarray) -> np.ndarray:
+        """(B, C3) pooled features -> (B, classes); distilled: the mean of both heads at inference."""
         y = self.head(pooled)
-        if self.head_dist is not None:  # distilled: the mean of both heads at inference
+        if self.head_dist is not None:
             y = (y + self.head_dist(pooled)) / 2
         return y
+
+    def forward_features(self, x: np.ndarray) -> np.ndarray:
+        """(B, 3, H, W) float32 -> last stage's map (B, C3, ceil(H/64), ceil(W/64))."""
+        check_array(x, self.config.in_chans)
+        return self.features(x.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
+
+    def forward_head(self, x: np.ndarray) -> np.ndarray:
+        """(B, C3, h, w) map -> logits: global average pool, then the head(s)."""
+        return self.logits(x.mean(axis=(2, 3)))
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         """(B, 3, H, W) float32, any H and W -> logits (B, classes) float32."""
         check_array(x, self.config.in_chans)
-        return self.forward_head(self.forward_features(x.transpose(0, 2, 3, 1)))
+        return self.logits(self.features(x.transpose(0, 2, 3, 1)).mean(axis=(1, 2)))  # pool: (B, C3)
 
     def attention_layers(self) -> dict[str, SingleHeadAttention]:
         return {f"stages.{s}.blocks.{j}.mixer.m": b.mixer.m
@@ -114,20 +124,21 @@ class SHViT(Module):
             for stage in self.stages:
                 h = stage(h)
                 outs.append(h.transpose(0, 3, 1, 2))
-            return Intermediates(outs, {k: m.last_attention for k, m in layers.items()}, self.forward_head(h))
+            return Intermediates(outs, {k: m.last_attention for k, m in layers.items()}, self.logits(h.mean(axis=(1, 2))))
         finally:
             for m in layers.values():
                 m.keep_attention, m.last_attention = False, None
 
     def state_dict(self) -> dict[str, np.ndarray]:
         """The unfolded tensors by canonical name (only before ``fuse()``)."""
-        out = {}
-        for name in state_shapes(self.config):
-            obj = self
-            for part in name.split("."):
-                obj = obj[int(part)] if part.isdigit() else getattr(obj, part)
-            out[name] = obj
-        return out
+        return {name: walk(self, name.split(".")) for name in state_shapes(self.config)}
+
+
+def walk(obj, path: list[str]):
+    """Follow a canonical name's parts: attribute names, and list indices for digits."""
+    for part in path:
+        obj = obj[int(part)] if part.isdigit() else getattr(obj, part)
+    return obj
 
 
 def from_weights(w: Weights, fold: bool = True) -> SHViT:

@@ -168,7 +168,7 @@ def main(argv=None) -> int:
     try:
         cfg = get_config(args.variant, num_classes=args.num_classes)
         name = args.variant.lower().removeprefix("shvit_")
-        res = args.resolution or RESOLUTION.get(name, 224)
+        res = RESOLUTION.get(name, 224) if args.resolution is None else args.resolution
         if res < 1:
             raise ShvitError(f"--resolution must be >= 1, got {res}")
     except ShvitError as e:
