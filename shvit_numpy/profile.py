@@ -3,7 +3,8 @@
 Pure arithmetic on the configuration (nothing runs): a convolution costs H'*W'*C_out*(C_in/groups)*k*k
 multiply-accumulates, attention 2*N*N*... (q^T k and v attn^T); element-wise work is not counted, as
 in the paper. Parameters are the unfolded model's (BatchNorm's weight and bias included, running
-statistics not), as the paper counts them. ``--macro`` compares SHViT's 16x16-stem, 3-stage layout
+statistics not), as the paper counts them; ``params_folded`` counts the inference model, where each
+BatchNorm's weight and bias became its convolution's (or the classifier's) bias. ``--macro`` compares SHViT's 16x16-stem, 3-stage layout
 with a conventional 4x4-stem, 4-stage layout of similar width: the paper's macro-design argument.
 """
 from __future__ import annotations
@@ -28,6 +29,7 @@ class Row:
     shape: tuple[int, int, int]  # output (C, H, W) for batch 1
     params: int
     macs: int
+    params_folded: int  # after BatchNorm folding: a ConvBN keeps w and gains a bias (cout), BN's 2*cout go
 
     @property
     def act_bytes(self) -> int:
@@ -47,7 +49,7 @@ class Counter:
         macs = self.h * self.w * cout * (cin // groups) * k * k
         params = cout * (cin // groups) * k * k + (2 * cout if bn else 0) + (cout if bias else 0)
         self.c = cout
-        self.rows.append(Row(name, self.stage, (cout, self.h, self.w), params, macs))
+        self.rows.append(Row(name, self.stage, (cout, self.h, self.w), params, macs, params - cout if bn else params))
 
     def dw(self, name):
         self.conv(name, self.c, 3, groups=self.c)
@@ -60,9 +62,9 @@ class Counter:
     def attention(self, name, pdim, qk):
         c, n = self.c, self.h * self.w
         self.c = pdim
-        self.rows.append(Row(f"{name}.pre_norm", self.stage, (pdim, self.h, self.w), 2 * pdim, 0))
+        self.rows.append(Row(f"{name}.pre_norm", self.stage, (pdim, self.h, self.w), 2 * pdim, 0, 2 * pdim))
         self.conv(f"{name}.qkv", 2 * qk + pdim)
-        self.rows.append(Row(f"{name}.attn", self.stage, (n, n, 1), 0, n * n * qk + n * n * pdim))  # q^T k, v attn^T
+        self.rows.append(Row(f"{name}.attn", self.stage, (n, n, 1), 0, n * n * qk + n * n * pdim, 0))  # q^T k, v attn^T
         self.c = c
         self.conv(f"{name}.proj.1", c)
 
@@ -71,7 +73,8 @@ class Counter:
         self.conv(f"{name}.conv1", hid)
         self.conv(f"{name}.conv2", hid, 3, 2, groups=hid)
         rd, h, w = se_channels(hid), self.h, self.w
-        self.rows.append(Row(f"{name}.se", self.stage, (hid, h, w), 2 * hid * rd + rd + hid, 2 * hid * rd))
+        se_params = 2 * hid * rd + rd + hid  # two 1x1 convs with bias on the pooled vector
+        self.rows.append(Row(f"{name}.se", self.stage, (hid, h, w), se_params, 2 * hid * rd, se_params))
         self.conv(f"{name}.conv3", out)
 
 
@@ -98,7 +101,7 @@ def count(cfg: SHViTConfig, h: int, w: int | None = None) -> list[Row]:
     k.stage = "head"
     c, n = k.c, cfg.num_classes
     heads = 2 if cfg.distillation else 1
-    k.rows.append(Row("head", "head", (n, 1, 1), heads * (2 * c + c * n + n), heads * c * n))
+    k.rows.append(Row("head", "head", (n, 1, 1), heads * (2 * c + c * n + n), heads * c * n, heads * (c * n + n)))
     return k.rows
 
 
@@ -109,7 +112,8 @@ def summary(rows: list[Row]) -> dict:
         s["params"] += r.params
         s["macs"] += r.macs
         s["act_bytes"] += r.act_bytes
-    return {"params": sum(r.params for r in rows), "macs": sum(r.macs for r in rows), "stages": stages,
+    return {"params": sum(r.params for r in rows), "macs": sum(r.macs for r in rows),
+            "params_folded": sum(r.params_folded for r in rows), "stages": stages,
             "layers": [{**asdict(r), "act_bytes": r.act_bytes} for r in rows]}
 
 
@@ -145,15 +149,21 @@ def print_report(rows: list[Row], cfg_name: str, res: int) -> None:
     print()
     for name, t in s["stages"].items():
         print(f"{name:8s} params {t['params']:>11,d}  MACs {t['macs'] / 1e6:9.2f}M  activations {fmt_bytes(t['act_bytes'])}")
-    print(f"total    params {s['params']:>11,d}  MACs {s['macs'] / 1e6:9.2f}M")
+    print(f"total    params {s['params']:>11,d}  MACs {s['macs'] / 1e6:9.2f}M  (folded for inference: {s['params_folded']:,d} params)")
 
 
 def print_macro(res: int) -> None:
-    print(f"\nMacro design at {res}x{res}: tokens and memory per stage (one float32 feature map; one N x N attention map)")
+    print(f"\nMacro design at {res}x{res}, batch 1: tokens and float32 bytes per stage (one feature map, and what one\n"
+          "N x N attention map would take there; SHViT itself attends only in its stages 2 and 3)")
     print(f"{'layout':34s} {'stage':>5s} {'stride':>6s} {'C':>5s} {'tokens':>7s} {'feature map':>12s} {'attention map':>14s}")
-    for r in macro_table(res):
+    table = macro_table(res)
+    for r in table:
         print(f"{r['layout']:34s} {r['stage']:>5d} {r['stride']:>6d} {r['channels']:>5d} {r['tokens']:>7d} "
               f"{fmt_bytes(r['feature_bytes']):>12s} {fmt_bytes(r['attention_bytes']):>14s}")
+    conv, shvit = (next(r for r in table if r["layout"] == name and r["stage"] == 1) for name in MACRO)
+    print(f"First stage: the conventional layout holds {conv['tokens'] / shvit['tokens']:.0f}x the tokens, "
+          f"{conv['feature_bytes'] / shvit['feature_bytes']:.0f}x the feature bytes and "
+          f"{conv['attention_bytes'] / shvit['attention_bytes']:.0f}x the attention-map bytes of SHViT's.")
 
 
 def main(argv=None) -> int:
