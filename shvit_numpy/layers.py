@@ -67,22 +67,57 @@ def im2col(x: np.ndarray, k: int, stride: int, padding: int) -> np.ndarray:
     return as_strided(x, (B, Ho, Wo, k, k, C), (sb, sh * stride, sw * stride, sh, sw, sc), writeable=False)
 
 
-def conv_dense(x: np.ndarray, w: np.ndarray, stride: int, padding: int) -> np.ndarray:
-    """Dense convolution as one matrix product: (B*H'*W', k*k*C_in) @ (k*k*C_in, C_out)."""
-    cout, cin, k, _ = w.shape
-    if k == 1 and stride == 1 and padding == 0:  # one GEMM over all pixels (an N-D matmul would
-        return (x.reshape(-1, cin) @ w[:, :, 0, 0].T).reshape(*x.shape[:-1], cout)  # run one per row)
-    cols = im2col(x, k, stride, padding)  # (B, H', W', k, k, C_in)
-    B, Ho, Wo = cols.shape[:3]
-    w_mat = w.transpose(2, 3, 1, 0).reshape(k * k * cin, cout)  # rows ordered (ky, kx, c) like cols
-    return (cols.reshape(B * Ho * Wo, k * k * cin) @ w_mat).reshape(B, Ho, Wo, cout)
-
-
+IM2COL_CHUNK_BYTES = 1 << 20  # the im2col copy is made ~1 MiB (a few images) at a time, while it is in cache
 DW_CHUNK_BYTES = 1 << 18  # depthwise work per step: ~256 KiB of output, so the nine passes stay in cache
 
 
-def conv_depthwise(x: np.ndarray, w: np.ndarray, stride: int, padding: int) -> np.ndarray:
-    """Depthwise k x k convolution as k*k shifted multiply-adds over the padded input.
+def conv_dense(x: np.ndarray, w: np.ndarray, stride: int, padding: int, bias: np.ndarray | None = None) -> np.ndarray:
+    """Dense convolution as a matrix product: (B*H'*W', k*k*C_in) @ (k*k*C_in, C_out), + bias.
+
+    A 1x1 convolution needs no im2col: the pixels are already the rows, (B*H*W, C_in) @ (C_in, C_out).
+    Otherwise the im2col rows are copied out of the strided view for a few images at a time and
+    multiplied straight into their slice of the output: the same product, split by rows, so the
+    copy is still in cache when BLAS reads it (and never the whole batch's worth of memory).
+    """
+    cout, cin, k, _ = w.shape
+    if k == 1 and stride == 1 and padding == 0:  # one GEMM over all pixels (an N-D matmul would
+        y = (x.reshape(-1, cin) @ w[:, :, 0, 0].T).reshape(*x.shape[:-1], cout)  # run one per row)
+        if bias is not None:
+            y += bias
+        return y
+    cols = im2col(x, k, stride, padding)  # (B, H', W', k, k, C_in), a view
+    B, Ho, Wo = cols.shape[:3]
+    w_mat = w.transpose(2, 3, 1, 0).reshape(k * k * cin, cout)  # rows ordered (ky, kx, c) like cols
+    out = np.empty((B, Ho, Wo, cout), x.dtype)
+    step = max(1, IM2COL_CHUNK_BYTES // max(1, cols[0].size * cols.itemsize))
+    for b0 in range(0, B, step):
+        rows = cols[b0:b0 + step].reshape(-1, k * k * cin)  # the im2col copy: (b*H'*W', k*k*C_in)
+        y = out[b0:b0 + step].reshape(-1, cout)  # (b*H'*W', C_out), a view of the output
+        np.matmul(rows, w_mat, out=y)
+        if bias is not None:
+            y += bias
+    return out
+
+
+def conv_grouped(x: np.ndarray, w: np.ndarray, stride: int, padding: int, groups: int,
+                 bias: np.ndarray | None = None) -> np.ndarray:
+    """Grouped convolution as ONE batched matrix product over the groups:
+    (G, B*H'*W', k*k*C_in/G) @ (G, k*k*C_in/G, C_out/G). (SHViT itself only has dense and
+    depthwise convolutions; this is the general case, for completeness.)"""
+    cout, cin_g, k, _ = w.shape
+    g = groups
+    cols = im2col(x, k, stride, padding)  # (B, H', W', k, k, C_in)
+    B, Ho, Wo = cols.shape[:3]
+    cols = cols.reshape(B * Ho * Wo, k * k, g, cin_g).transpose(2, 0, 1, 3).reshape(g, B * Ho * Wo, k * k * cin_g)
+    w_mat = w.reshape(g, cout // g, cin_g, k, k).transpose(0, 3, 4, 2, 1).reshape(g, k * k * cin_g, cout // g)
+    y = (cols @ w_mat).transpose(1, 0, 2).reshape(B, Ho, Wo, cout)  # (G, M, C_out/G) -> (M, C_out), group-major
+    if bias is not None:
+        y += bias
+    return y
+
+
+def conv_depthwise(x: np.ndarray, w: np.ndarray, stride: int, padding: int, bias: np.ndarray | None = None) -> np.ndarray:
+    """Depthwise k x k convolution as k*k shifted multiply-adds over the padded input, + bias.
 
     out[b, y, x, c] = sum_{i,j} xp[b, s*y + i, s*x + j, c] * w[c, 0, i, j]: each tap (i, j) is ONE
     vectorised pass over a strided window of ``xp``, never a loop over pixels. Two details keep it
@@ -98,6 +133,7 @@ def conv_depthwise(x: np.ndarray, w: np.ndarray, stride: int, padding: int) -> n
     taps = w[:, 0].transpose(1, 2, 0)  # (k, k, C): the weights of tap (i, j), per channel
     if stride == 1:
         xp, acc_all, taps = xp.reshape(B, H, W * C), out.reshape(B, Ho, Wo * C), np.tile(taps, (1, 1, Wo))
+        bias = None if bias is None else np.tile(bias, Wo)  # (Wo*C,)
 
         def window(b, i, j):  # (b, Ho, Wo*C): rows i.., pixels j.. of the flattened rows
             return xp[b, i:i + Ho, j * C:(j + Wo) * C]
@@ -116,13 +152,15 @@ def conv_depthwise(x: np.ndarray, w: np.ndarray, stride: int, padding: int) -> n
             for j in range(k):
                 if i or j:
                     acc += np.multiply(window(b, i, j), taps[i, j], out=tmp)
+        if bias is not None:
+            acc += bias
     return out
 
 
 # ---- layers with weights -----------------------------------------------------------------------
 
 class Conv2d(Module):
-    """A convolution (dense or depthwise) with optional bias; weight is (C_out, C_in/groups, k, k)."""
+    """A convolution (dense, depthwise or grouped) with optional bias; weight is (C_out, C_in/groups, k, k)."""
 
     def __init__(self, cin, cout, k=1, stride=1, padding=0, groups=1, bias=False):
         self.stride, self.padding, self.groups = stride, padding, groups
@@ -130,15 +168,12 @@ class Conv2d(Module):
         self.bias = np.zeros(cout, np.float32) if bias else None
 
     def __call__(self, x):  # (B, H, W, C_in) -> (B, H', W', C_out)
-        if self.groups == 1:
-            y = conv_dense(x, self.weight, self.stride, self.padding)
-        elif self.groups == self.weight.shape[0] == x.shape[-1]:
-            y = conv_depthwise(x, self.weight, self.stride, self.padding)
-        else:
-            raise NotImplementedError("SHViT only has dense and depthwise convolutions")
-        if self.bias is not None:
-            y += self.bias
-        return y
+        w, g = self.weight, self.groups
+        if g == 1:
+            return conv_dense(x, w, self.stride, self.padding, self.bias)
+        if g == w.shape[0] and w.shape[1] == 1:  # depthwise: one input channel per output channel
+            return conv_depthwise(x, w, self.stride, self.padding, self.bias)
+        return conv_grouped(x, w, self.stride, self.padding, g, self.bias)
 
 
 class BatchNorm2d(Module):

@@ -113,6 +113,17 @@ def test_dense_conv_is_im2col_matmul(cin, cout, k, stride, pad, hw):
     assert_close("conv_dense", got, F.conv2d(torch.from_numpy(x), torch.from_numpy(w), stride=stride, padding=pad), dtype=np.float32)
 
 
+@pytest.mark.parametrize("groups,k,stride", [(1, 3, 2), (2, 3, 1), (3, 1, 1), (6, 3, 2)])
+@pytest.mark.parametrize("chunk_bytes", [1, nl.IM2COL_CHUNK_BYTES])  # im2col one image at a time, or all
+def test_conv2d_layer_dense_grouped_depthwise_with_bias(groups, k, stride, chunk_bytes, monkeypatch):
+    monkeypatch.setattr(nl, "IM2COL_CHUNK_BYTES", chunk_bytes)
+    conv = nl.Conv2d(6, 12 if groups < 6 else 6, k, stride, k // 2, groups, bias=True)
+    conv.weight, conv.bias = rand(*conv.weight.shape, seed=20), rand(*conv.bias.shape, seed=21)
+    x = rand(3, 6, 11, 8, seed=22)
+    ref = F.conv2d(torch.from_numpy(x), torch.from_numpy(conv.weight), torch.from_numpy(conv.bias), stride, k // 2, groups=groups)
+    assert_close(f"Conv2d groups={groups}", conv(x.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2), ref, dtype=np.float32)
+
+
 @pytest.mark.parametrize("chunk_bytes", [1, 1000, nl.DW_CHUNK_BYTES])  # one image per step, a few, all of them
 @pytest.mark.parametrize("stride,hw", [(1, (14, 14)), (1, (1, 5)), (2, (9, 14)), (2, (1, 1)), (1, (3, 1))])
 def test_depthwise_conv_is_nine_shifted_multiply_adds(stride, hw, chunk_bytes, monkeypatch):
