@@ -26,6 +26,20 @@ def normalize(rgb_uint8: np.ndarray) -> np.ndarray:
     return ((x - MEAN) / STD).transpose(2, 0, 1).copy()
 
 
+def preprocess_pil(im, res: int) -> np.ndarray:
+    """A PIL image -> (3, res, res) float32: RGB, shorter side to int(256/224*res) (bicubic),
+    centre crop, normalise. The one implementation every runtime and the trainer use."""
+    from PIL import Image
+
+    im = im.convert("RGB")
+    w, h = im.size
+    short = resize_size(res)  # torchvision's Resize(int): shorter side -> short
+    size = (short, int(short * h / w)) if w <= h else (int(short * w / h), short)
+    im = im.resize(size, Image.BICUBIC)
+    left, top = round((size[0] - res) / 2), round((size[1] - res) / 2)  # CenterCrop
+    return normalize(np.asarray(im.crop((left, top, left + res, top + res))))
+
+
 def load_image(path, res: int) -> np.ndarray:
     """One image file -> (3, res, res) float32, ready for any of the three models."""
     try:
@@ -37,14 +51,7 @@ def load_image(path, res: int) -> np.ndarray:
         raise ShvitError(f"image not found: {path}")
     try:
         with Image.open(path) as im:
-            im = im.convert("RGB")
-            w, h = im.size
-            short = resize_size(res)  # torchvision's Resize(int): shorter side -> short
-            size = (short, int(short * h / w)) if w <= h else (int(short * w / h), short)
-            im = im.resize(size, Image.BICUBIC)
-            left, top = round((size[0] - res) / 2), round((size[1] - res) / 2)  # CenterCrop
-            im = im.crop((left, top, left + res, top + res))
-            return normalize(np.asarray(im))
+            return preprocess_pil(im, res)
     except (UnidentifiedImageError, OSError) as e:
         raise ShvitError(f"cannot read image {path}: {e}") from None
 

@@ -16,7 +16,7 @@ class Module:
 
     def children(self):
         for name, value in vars(self).items():
-            if isinstance(value, (Module, list)):
+            if isinstance(value, Module) or (isinstance(value, list) and value and isinstance(value[0], Module)):
                 yield name, value
 
 

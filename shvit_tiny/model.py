@@ -139,7 +139,7 @@ def _cast_tree(module, dtype):
     for name, value in list(vars(module).items()):
         if isinstance(value, Tensor):
             setattr(module, name, value.cast(dtype).realize())
-        elif isinstance(value, (Module, list)):
+        elif isinstance(value, Module) or (isinstance(value, list) and value and isinstance(value[0], Module)):
             _cast_tree(value, dtype)
 
 

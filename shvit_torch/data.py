@@ -1,0 +1,131 @@
+"""Training data: scikit-learn's handwritten digits (shipped with the package) or an ImageFolder.
+
+Every image goes through the spec's evaluation preprocessing (shvit_numpy.preprocess), so a
+model trained here classifies the same PNG files correctly in all three runtimes' CLIs.
+Augmentation is applied to the preprocessed tensors, per batch (random affine warps).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from shvit_numpy.errors import ShvitError
+from shvit_numpy.preprocess import load_image, preprocess_pil
+
+DIGITS_RES = 64  # digits are 8x8 scans; 64 gives the attention stage 4x4 tokens
+DIGITS_RENDER = 32  # the PNG size a digit is rendered to before preprocessing
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
+
+
+@dataclass
+class Split:
+    x: torch.Tensor  # (N, 3, res, res) float32, normalised
+    y: torch.Tensor  # (N,) int64
+
+
+@dataclass
+class Dataset:
+    train: Split
+    test: Split
+    classes: list[str]
+    resolution: int
+
+
+def render_digit(pixels: np.ndarray):
+    """An 8x8 digit (0 = paper, 16 = ink) -> a 32x32 RGB image, dark ink on white, as a scan looks."""
+    from PIL import Image
+
+    grey = (255 - pixels.astype(np.float32) * (255 / 16)).clip(0, 255).astype(np.uint8)
+    return Image.fromarray(grey).convert("RGB").resize((DIGITS_RENDER, DIGITS_RENDER), Image.BICUBIC)
+
+
+def digits(res: int = DIGITS_RES) -> Dataset:
+    """1797 digits, fixed split: a stratified 75/25 split with random_state=0 (1347 train, 450 test)."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    d = load_digits()
+    idx_train, idx_test = train_test_split(np.arange(len(d.target)), test_size=0.25, random_state=0, stratify=d.target)
+    x = torch.from_numpy(np.stack([preprocess_pil(render_digit(im), res) for im in d.images]))
+    y = torch.from_numpy(d.target.astype(np.int64))
+    return Dataset(Split(x[idx_train], y[idx_train]), Split(x[idx_test], y[idx_test]), [str(i) for i in range(10)], res)
+
+
+def _folder_split(root: Path, classes: list[str], res: int) -> Split:
+    xs, ys = [], []
+    for label, name in enumerate(classes):
+        files = sorted(p for p in (root / name).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise ShvitError(f"class folder {root / name} holds no images (expected {', '.join(sorted(IMAGE_SUFFIXES))} files)")
+        xs += [load_image(p, res) for p in files]
+        ys += [label] * len(files)
+    return Split(torch.from_numpy(np.stack(xs)), torch.tensor(ys))
+
+
+def class_names(data: str) -> list[str]:
+    """The classes of ``--data``: '0'..'9' for digits, else the train/ folder names (layout checked)."""
+    if data == "digits":
+        return [str(i) for i in range(10)]
+    root = Path(data)
+    if not root.is_dir():
+        raise ShvitError(f"--data {root}: no such directory (expected 'digits' or a folder with train/ and val/)")
+    for split in ("train", "val"):
+        if not (root / split).is_dir():
+            raise ShvitError(f"--data {root}: missing {split}/ folder (expected {root}/train/<class>/ and {root}/val/<class>/)")
+    classes = sorted(p.name for p in (root / "train").iterdir() if p.is_dir())
+    if not classes:
+        raise ShvitError(f"--data {root}/train holds no class folders")
+    missing = [c for c in classes if not (root / "val" / c).is_dir()]
+    if missing:
+        raise ShvitError(f"--data {root}/val lacks class folder {missing[0]!r} that train/ has")
+    return classes
+
+
+def image_folder(path, res: int) -> Dataset:
+    """``path/train/<class>/*.png`` and ``path/val/<class>/*.png``, loaded once into memory."""
+    root, classes = Path(path), class_names(str(path))
+    return Dataset(_folder_split(root / "train", classes, res), _folder_split(root / "val", classes, res), classes, res)
+
+
+def load(data: str, res: int) -> Dataset:
+    return digits(res) if data == "digits" else image_folder(data, res)
+
+
+def augment(x: torch.Tensor, generator: torch.Generator, degrees=10.0, translate=0.1, scale=(0.9, 1.1)) -> torch.Tensor:
+    """Random rotation, shift and zoom per image (no flips: a mirrored 2 is not a 2)."""
+    B = x.shape[0]
+    u = torch.rand(B, 4, generator=generator)
+    angle = (u[:, 0] * 2 - 1) * math.radians(degrees)
+    s = scale[0] + u[:, 1] * (scale[1] - scale[0])
+    tx, ty = (u[:, 2] * 2 - 1) * translate * 2, (u[:, 3] * 2 - 1) * translate * 2  # grid units span 2
+    cos, sin = torch.cos(angle) / s, torch.sin(angle) / s
+    theta = torch.stack([torch.stack([cos, -sin, tx], 1), torch.stack([sin, cos, ty], 1)], 1)  # (B, 2, 3)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def mix(x: torch.Tensor, y: torch.Tensor, num_classes: int, mixup: float, cutmix: float, generator: torch.Generator):
+    """Mixup (blend two images) or CutMix (paste a box of one into another), with soft targets."""
+    target = F.one_hot(y, num_classes).float()
+    if not (mixup or cutmix):
+        return x, target
+    perm = torch.randperm(len(x), generator=generator)
+    use_cutmix = cutmix > 0 and (mixup == 0 or torch.rand(1, generator=generator).item() < 0.5)
+    alpha = cutmix if use_cutmix else mixup
+    lam = float(torch.distributions.Beta(alpha, alpha).sample())
+    if use_cutmix:
+        H, W = x.shape[2:]
+        h, w = int(H * math.sqrt(1 - lam)), int(W * math.sqrt(1 - lam))
+        cy, cx = torch.randint(H, (1,), generator=generator).item(), torch.randint(W, (1,), generator=generator).item()
+        y0, y1, x0, x1 = max(cy - h // 2, 0), min(cy + h // 2, H), max(cx - w // 2, 0), min(cx + w // 2, W)
+        x = x.clone()
+        x[:, :, y0:y1, x0:x1] = x[perm, :, y0:y1, x0:x1]
+        lam = 1 - (y1 - y0) * (x1 - x0) / (H * W)
+    else:
+        x = lam * x + (1 - lam) * x[perm]
+    return x, lam * target + (1 - lam) * target[perm]
