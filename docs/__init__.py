@@ -1,0 +1,1 @@
+"""The walkthroughs' figure maker: ``python -m docs.figures`` (``make figures``)."""
