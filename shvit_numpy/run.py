@@ -8,14 +8,13 @@ from __future__ import annotations
 import sys
 
 from . import cli
-from .model import from_weights
-from .weights import load_weights
+from .model import load
 
 PROG = "python -m shvit_numpy.run"
 
 
 def load_runtime(path, args) -> cli.Loaded:
-    model = from_weights(load_weights(path), fold=True)
+    model = load(path)  # folded; model(x) checks its input and returns float32 logits
     return cli.Loaded(model, model.config, model.labels, model.resolution)
 
 
