@@ -36,7 +36,9 @@ def fuse(module):
 # ---- elementary operations ---------------------------------------------------------------------
 
 def sigmoid(x: np.ndarray) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-x))
+    """1 / (1 + exp(-x)); below x = -88 exp(-x) overflows float32 to inf, which rightly gives 0."""
+    with np.errstate(over="ignore"):
+        return 1.0 / (1.0 + np.exp(-x))
 
 
 def softmax(s: np.ndarray, axis: int = -1, inplace: bool = False) -> np.ndarray:
@@ -248,7 +250,7 @@ class Residual(Module):
         """x + dwconv(x) is one depthwise conv. Channel c of a depthwise conv sees only channel c,
         and the identity on it is the k x k kernel delta with a 1 at the centre tap (padding k // 2):
         x + (w' * x + b') = (w' + delta) * x + b'. So fold BN into the conv, then add 1 at the centre."""
-        if isinstance(self.m, ConvBN) and self.m.c.groups > 1:
+        if isinstance(self.m, ConvBN) and self.m.c.groups == self.m.c.weight.shape[0] and self.m.c.weight.shape[1] == 1:
             conv = self.m.fuse()
             conv.weight[:, 0, conv.weight.shape[2] // 2, conv.weight.shape[3] // 2] += 1.0
             return conv
@@ -303,9 +305,10 @@ class SingleHeadAttention(Module):
         x1, x2 = x[..., :self.pdim], x[..., self.pdim:]
         qkv = self.qkv(self.pre_norm(x1)).reshape(B, H * W, -1)  # (B, N, 2qk + pdim): tokens are pixels
         q, k, v = np.split(qkv, [self.qk_dim, 2 * self.qk_dim], axis=-1)  # (B, N, qk), (B, N, qk), (B, N, pdim)
+        # Tokens are rows here, so the spec's q^T k (channels-first) is q @ k^T, and its v attn^T is attn @ v.
         scores = q @ k.transpose(0, 2, 1)  # (B, N, N): query x key dot products
         scores *= self.scale
-        attn = softmax(scores, inplace=True)  # rows are queries and sum to 1
+        attn = softmax(scores, inplace=True)  # over the keys: each query's row sums to 1
         x1 = (attn @ v).reshape(B, H, W, self.pdim)  # each query's weighted mean of the values
         return x1, x2, attn
 

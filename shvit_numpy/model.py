@@ -67,7 +67,10 @@ class SHViT(Module):
         return self
 
     def fuse(self) -> SHViT:
-        """Fold every BatchNorm into the layer before it, in place (see ConvBN.fuse)."""
+        """Fold every BatchNorm for inference, in place; returns the model. Three folds (layers.py):
+        ConvBN -> Conv2d with bias (w' = w g / sqrt(var + eps), b' = beta - mean g / sqrt(var + eps));
+        Residual(depthwise ConvBN) -> one depthwise conv (+1 on each kernel's centre tap);
+        head BatchNorm1d + Linear -> Linear (W' = W diag(s), b' = W t + b). Outputs change by rounding only."""
         for name, child in list(self.children()):
             setattr(self, name, [fuse(c) for c in child] if isinstance(child, list) else fuse(child))
         return self
@@ -142,6 +145,7 @@ def walk(obj, path: list[str]):
 
 
 def from_weights(w: Weights, fold: bool = True) -> SHViT:
+    """A model holding ``w``'s tensors (and its labels and resolution), folded unless ``fold=False``."""
     model = SHViT(w.config).load_state(w.state)
     model.labels, model.resolution = w.labels, w.resolution or default_resolution(w.config)
     return model.fuse() if fold else model
