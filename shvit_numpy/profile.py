@@ -1,11 +1,15 @@
 """``python -m shvit_numpy.profile --variant s1``: parameters, MACs and activation memory, layer by layer.
 
-Pure arithmetic on the configuration (nothing runs): a convolution costs H'*W'*C_out*(C_in/groups)*k*k
-multiply-accumulates, attention 2*N*N*... (q^T k and v attn^T); element-wise work is not counted, as
-in the paper. Parameters are the unfolded model's (BatchNorm's weight and bias included, running
-statistics not), as the paper counts them; ``params_folded`` counts the inference model, where each
-BatchNorm's weight and bias became its convolution's (or the classifier's) bias. ``--macro`` compares SHViT's 16x16-stem, 3-stage layout
-with a conventional 4x4-stem, 4-stage layout of similar width: the paper's macro-design argument.
+Pure arithmetic on the configuration (nothing runs). A convolution costs H'*W'*C_out*(C_in/groups)*k*k
+multiply-accumulates; attention N*N*qk for q^T k plus N*N*pdim for v attn^T; the SE gate and the
+classifier count as the matrix products they are; element-wise work (norms, softmax, adds) does
+not count, as in the paper. Parameters are the unfolded model's (BatchNorm's weight and bias
+included, running statistics not), as the paper counts them; ``params_folded`` counts the
+inference model, where each BatchNorm's weight and bias became its convolution's (or the
+classifier's) bias. Activation bytes are one float32 output of each layer at batch 1.
+
+``--macro`` sets SHViT's 16x16-stem, 3-stage layout beside a conventional 4x4-stem, 4-stage layout
+of similar width: tokens and bytes per stage, the paper's macro-design argument in numbers.
 """
 from __future__ import annotations
 
