@@ -101,7 +101,8 @@ def write_safetensors(path, tensors: dict[str, np.ndarray], metadata: dict[str, 
     """Write tensors (C order, little-endian) and string metadata, atomically."""
     header, offset, chunks = {}, 0, []
     for name, arr in tensors.items():
-        arr = np.ascontiguousarray(arr)
+        arr = np.asarray(arr, order="C")  # keeps 0-d arrays 0-d (ascontiguousarray makes them 1-d)
+        arr = arr.astype(arr.dtype.newbyteorder("="), copy=False)  # big-endian input: look up the native dtype
         if arr.dtype not in _NAMES:
             raise ShvitError(f"cannot store tensor {name!r} of dtype {arr.dtype} in safetensors")
         raw = arr.astype(arr.dtype.newbyteorder("<")).tobytes()
