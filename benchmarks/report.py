@@ -1,0 +1,250 @@
+"""From the bench's JSON to what people read: Markdown tables, the speed floors, the PNG chart."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .machine import one_line
+from .runners import RUNTIMES
+
+# The paper's A100 throughput (images/s, batch 256, float16); see /work/shared/spec/shvit.md.
+PAPER_A100 = {"s1": 33_489, "s2": 26_878, "s3": 20_522, "s4": 14_283}
+BEST = "best shvit runtime"
+# one colour per runtime in every chart: torch blues, numpy orange, tinygrad greens, peers purple and grey
+COLORS = {"torch-eager": "#9ecae1", "torch-folded": "#6baed6", "torch-cl": "#3182bd", "torch-traced": "#08519c",
+          "torch-compile": "#08306b", "numpy": "#fd8d3c", "tiny-cpu": "#74c476", "tiny-cl": "#31a354", "tiny-cuda": "#006d2c",
+          "ort": "#756bb1", "timm": "#636363"}
+
+
+@dataclass(frozen=True)
+class Floor:
+    """numerator / denominator of images/s at one cell; PASS when >= floor (None: no floor, goal only)."""
+
+    name: str
+    numerator: str  # a runtime key, or BEST (the fastest of the shvit family)
+    denominator: str
+    floor: float | None
+    goal: float
+
+
+FLOOR_CELL = {"variant": "s1", "batch": 16, "threads": 1}
+FLOORS = [
+    Floor("shvit_torch folded ÷ timm folded and traced (both traced + frozen)", "torch-traced", "timm", 1.0, 1.2),
+    Floor("shvit_numpy ÷ shvit_torch folded", "numpy", "torch-folded", 0.5, 0.75),
+    Floor("shvit_tiny CPU (JIT) ÷ shvit_torch folded", "tiny-cpu", "torch-folded", 0.7, 1.0),
+    Floor("best shvit runtime ÷ ONNX Runtime (same folded weights)", BEST, "ort", None, 1.0),
+]
+
+
+def throughput(row) -> dict:
+    """images/s: the median, and the range the slowest and fastest rounds give."""
+    s, b = row["seconds"], row["batch"]
+    return {"median": b / s["median"], "min": b / s["max"], "max": b / s["min"]}
+
+
+def find(rows, runtime, variant, batch, threads):
+    for r in rows:
+        if (r["runtime"], r["variant"], r["batch"], r["threads"]) == (runtime, variant, batch, threads):
+            return r
+    return None
+
+
+def check_floors(result: dict) -> list[dict]:
+    """Each floor's measured ratio (medians) and PASS / FAIL / SKIP, at S1, batch 16, one core."""
+    rows = [r for r in result["speed"] if r.get("device", "cpu") == "cpu"]
+    cell = FLOOR_CELL
+    here = {r["runtime"]: throughput(r)["median"] for r in rows
+            if (r["variant"], r["batch"], r["threads"]) == (cell["variant"], cell["batch"], cell["threads"])}
+    shvit = {k: v for k, v in here.items() if RUNTIMES[k].family == "shvit"}
+    reasons = {s["runtime"]: s["reason"] for s in result.get("skipped", [])}
+    out = []
+    for f in FLOORS:
+        if f.numerator == BEST:
+            num_key = max(shvit, key=shvit.get) if shvit else None
+        else:
+            num_key = f.numerator
+        entry = {"name": f.name, "numerator": num_key or f.numerator, "denominator": f.denominator, "floor": f.floor, "goal": f.goal}
+        missing = [k for k in (num_key, f.denominator) if k is None or k not in here]
+        if missing:
+            key = missing[0] or "shvit runtimes"
+            why = reasons.get(key, "not measured in this run (see --quick, --runtimes)")
+            entry.update(value=None, status="SKIP", reason=f"{key}: {why}")
+        else:
+            value = here[num_key] / here[f.denominator]
+            status = "—" if f.floor is None else ("PASS" if value >= f.floor else "FAIL")
+            entry.update(value=value, status=status, goal_met=value >= f.goal)
+        out.append(entry)
+    return out
+
+
+# -- Markdown ------------------------------------------------------------------------------------------------
+
+def fmt(x: float) -> str:
+    return f"{x:.0f}" if x >= 100 else f"{x:.1f}" if x >= 1 else f"{x:.2f}"
+
+
+def cell_text(row) -> str:
+    if row is None:
+        return "—"
+    if row["batch"] == 1:
+        s = row["seconds"]
+        return f"{fmt(1000 * s['median'])} ({fmt(1000 * s['min'])}–{fmt(1000 * s['max'])})"
+    t = throughput(row)
+    return f"{fmt(t['median'])} ({fmt(t['min'])}–{fmt(t['max'])})"
+
+
+def cores(n: int) -> str:
+    return "1 core" if n == 1 else f"{n} cores"
+
+
+def variant_table(result: dict, variant: str) -> list[str]:
+    rows = [r for r in result["speed"] if r["variant"] == variant]
+    mem = [m for m in result.get("memory", []) if m["variant"] == variant and "peak_rss_mb" in m]
+    if not rows and not mem:
+        return []
+    threads = sorted({r["threads"] for r in rows})
+    batches = sorted({r["batch"] for r in rows})
+    cols = [(t, b) for t in threads for b in batches]
+    heads = [f"latency, batch 1, {cores(t)} (ms)" if b == 1 else f"batch {b}, {cores(t)} (images/s)" for t, b in cols]
+    mem_batch = mem[0]["batch"] if mem else None
+    if mem:
+        heads.append(f"peak RSS, batch {mem_batch}, 1 core (MB; + over imports)")
+    res = (rows or mem)[0]["resolution"]
+    lines = [f"#### {variant} at {res}×{res}", "", "| runtime | " + " | ".join(heads) + " |", "|---" * (len(heads) + 1) + "|"]
+    order = [k for k in RUNTIMES if any(r["runtime"] == k for r in rows) or any(m["runtime"] == k for m in mem)]
+    for key in order:
+        cells = [cell_text(find(rows, key, variant, b, t)) for t, b in cols]
+        if mem:
+            m = next((m for m in mem if m["runtime"] == key), None)
+            cells.append(f"{m['peak_rss_mb']:.0f} (+{m['delta_mb']:.0f})" if m else "—")
+        lines.append(f"| {RUNTIMES[key].label} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
+def floors_table(floors: list[dict]) -> list[str]:
+    c = FLOOR_CELL
+    lines = [f"#### Speed floors ({c['variant'].upper()} at 224, batch {c['batch']}, one core, interleaved in one process)", "",
+             "| ratio of images/s | measured | floor | goal | result |", "|---|---|---|---|---|"]
+    for f in floors:
+        floor = "—" if f["floor"] is None else f"{f['floor']:.2f}"
+        if f["value"] is None:
+            lines.append(f"| {f['name']} | — | {floor} | {f['goal']:.2f} | SKIP: {f['reason']} |")
+            continue
+        goal = "goal met" if f["goal_met"] else "below goal"
+        who = f" ({RUNTIMES[f['numerator']].label})" if f["name"].startswith(BEST) else ""
+        lines.append(f"| {f['name']}{who} | {f['value']:.2f} | {floor} | {f['goal']:.2f} | {f['status']}, {goal} |")
+    return lines + [""]
+
+
+def gpu_table(result: dict) -> list[str]:
+    rows = result["speed"]
+    variants = sorted({r["variant"] for r in rows})
+    batch = max(r["batch"] for r in rows)
+    lines = [f"#### GPU throughput, batch {batch}, {'float16' if rows[0].get('half') else 'float32'} (images/s)", "",
+             "| runtime | " + " | ".join(variants) + " |", "|---" * (len(variants) + 1) + "|"]
+    for key in [k for k in RUNTIMES if any(r["runtime"] == k for r in rows)]:
+        cells = [cell_text(find(rows, key, v, batch, rows[0]["threads"])) for v in variants]
+        lines.append(f"| {RUNTIMES[key].label} | " + " | ".join(cells) + " |")
+    lines.append("| paper, A100 (timm-style, float16, batch 256) | " + " | ".join(f"{PAPER_A100.get(v, 0):,}" for v in variants) + " |")
+    return lines + [""]
+
+
+def markdown(result: dict) -> str:
+    m, s = result["machine"], result["settings"]
+    load = result.get("load_average", {})
+    lines = [f"### `make bench` results ({result['mode']} run, {result['started']})", "",
+             f"Machine: {one_line(m)}.", ""]
+    if load:
+        busy = max(load["before"], load["after"]) > 0.5
+        lines += [f"Load average (1 min) before / after: {load['before']:.2f} / {load['after']:.2f}"
+                  + (f". **The machine was busy** (other processes shared its {m['cores']} cores): figures are noisy and low, "
+                     "multi-thread ones most (a thread waiting at a barrier for a descheduled peer). Re-run on a quiet machine."
+                     if busy else " (quiet)."), ""]
+    lines += [f"Method: {s['rounds']} rounds interleaved in one process per thread setting (the order rotates each round), "
+              f"{s['warmup']} warm-up call(s) plus a sizing call excluded (and each runtime's first, compiling call), "
+              f"rounds of at least {s['min_round_s']} s; median (min–max over rounds). Random weights and BatchNorm statistics. "
+              "Input: a float32 NCHW numpy batch; output: logits (numpy on CPU). One core = the process pinned to one CPU with "
+              "every library limited to one thread. Peak RSS: a fresh process per runtime and variant (VmHWM; in brackets, "
+              "the part above the RSS after importing the runtime's libraries).", ""]
+    if result.get("device", "cpu") == "cuda":
+        lines += gpu_table(result)
+    else:
+        for v in sorted({r["variant"] for r in result["speed"]} | {x["variant"] for x in result.get("memory", [])}):
+            lines += variant_table(result, v)
+        lines += floors_table(result["floors"])
+    notes = {}
+    for sk in result.get("skipped", []):
+        notes.setdefault((sk["runtime"], sk["reason"]), []).append(sk["where"])
+    for mm in result.get("memory", []):
+        if "skipped" in mm:
+            notes.setdefault((mm["runtime"], mm["skipped"]), []).append(f"memory, {mm['variant']}")
+    if notes:
+        lines += ["Not measured:", ""]
+        lines += [f"- {RUNTIMES[k].label}: {why} ({'; '.join(sorted(set(w)))})" for (k, why), w in notes.items()]
+        lines.append("")
+    if result.get("restricted"):
+        lines += [result["restricted"], ""]
+    return "\n".join(lines)
+
+
+# -- chart ----------------------------------------------------------------------------------------------------
+
+def chart(result: dict, path) -> bool:
+    """Grouped bars: images/s at the floor batch per variant, one panel per thread setting, plus
+    batch-1 latency; min-max whiskers. False when matplotlib is missing or nothing fits."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    from shvit_numpy.weights import atomic_path
+
+    rows = result["speed"]
+    threads = sorted({r["threads"] for r in rows})
+    batches = sorted({r["batch"] for r in rows})
+    tb = 16 if 16 in batches else max(batches)
+    panels = [(t, tb) for t in threads] + ([(threads[0], 1)] if 1 in batches and tb != 1 else [])
+    variants = sorted({r["variant"] for r in rows})
+    keys = [k for k in RUNTIMES if any(r["runtime"] == k for r in rows)]
+    if not rows:
+        return False
+    fig, axes = plt.subplots(1, len(panels), figsize=(max(8.0, 5.5 * len(panels)), 5.4), squeeze=False)
+    width = 0.8 / max(1, len(keys))
+    for ax, (t, b) in zip(axes[0], panels):
+        for i, key in enumerate(keys):
+            xs, ys, lo, hi = [], [], [], []
+            for j, v in enumerate(variants):
+                row = find(rows, key, v, b, t)
+                if row is None:
+                    continue
+                if b == 1:
+                    s = row["seconds"]
+                    mid, a, z = 1000 * s["median"], 1000 * s["min"], 1000 * s["max"]
+                else:
+                    tp = throughput(row)
+                    mid, a, z = tp["median"], tp["min"], tp["max"]
+                xs.append(j + (i - (len(keys) - 1) / 2) * width)
+                ys.append(mid)
+                lo.append(mid - a)
+                hi.append(z - mid)
+            if xs:
+                ax.bar(xs, ys, width, yerr=[lo, hi], capsize=2, label=RUNTIMES[key].label, color=COLORS.get(key, "#999999"))
+        ax.set_xticks(range(len(variants)), variants)
+        ax.set_title(f"latency, batch 1, {cores(t)} (ms, lower is better)" if b == 1 else
+                     f"throughput, batch {b}, {cores(t)} (images/s)")
+        ax.grid(axis="y", alpha=0.3)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    for ax in axes[0][1:]:  # a runtime missing from the first panel still gets its legend entry
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            if lab not in labels:
+                handles.append(h)
+                labels.append(lab)
+    rows_of_legend = -(-len(labels) // 4)
+    fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=8, frameon=False)
+    fig.suptitle(f"SHViT on {result['machine']['cpu']} ({result['machine']['cores']} cores): median, whiskers min–max", fontsize=10)
+    fig.tight_layout(rect=(0, 0.045 * rows_of_legend + 0.02, 1, 1))
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+    return True
