@@ -19,3 +19,9 @@ settings.register_profile("ci", settings.get_profile("ci"), max_examples=8, dera
 settings.register_profile("dev", max_examples=8, derandomize=True, **_common)
 settings.register_profile("thorough", max_examples=200, **_common)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev"))
+
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test` runs two workers on two cores: one thread each
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # also for the CLIs the tests start
+    import torch
+
+    torch.set_num_threads(1)
