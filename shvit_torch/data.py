@@ -2,7 +2,7 @@
 
 Every image goes through the spec's evaluation preprocessing (shvit_numpy.preprocess), so a
 model trained here classifies the same PNG files correctly in all three runtimes' CLIs.
-Augmentation is applied to the preprocessed tensors, per batch (random affine warps).
+Augmentation is applied to the preprocessed tensors, per batch (random affine warps, flips).
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from shvit_numpy.errors import ShvitError
 from shvit_numpy.preprocess import load_image, preprocess_pil
 
-DIGITS_RES = 64  # digits are 8x8 scans; 64 gives the attention stage 4x4 tokens
+DIGITS_RES = 64  # 8x8 scans shown at 64x64: 4x4 tokens in stage 1, 2x2 and 1x1 in the attention stages
 DIGITS_RENDER = 32  # the PNG size a digit is rendered to before preprocessing
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
 
@@ -44,13 +44,20 @@ def render_digit(pixels: np.ndarray):
     return Image.fromarray(grey).convert("RGB").resize((DIGITS_RENDER, DIGITS_RENDER), Image.BICUBIC)
 
 
-def digits(res: int = DIGITS_RES) -> Dataset:
-    """1797 digits, fixed split: a stratified 75/25 split with random_state=0 (1347 train, 450 test)."""
-    from sklearn.datasets import load_digits
+def digits_split(target: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The fixed split: stratified 75/25 with random_state=0 (1347 train, 450 test indices)."""
     from sklearn.model_selection import train_test_split
 
+    return train_test_split(np.arange(len(target)), test_size=0.25, random_state=0, stratify=target)
+
+
+def digits(res: int = DIGITS_RES) -> Dataset:
+    """scikit-learn's 1797 handwritten digits (8x8 scans, 16 grey levels), rendered as dark ink
+    on white and preprocessed at ``res``; the split of ``digits_split``."""
+    from sklearn.datasets import load_digits
+
     d = load_digits()
-    idx_train, idx_test = train_test_split(np.arange(len(d.target)), test_size=0.25, random_state=0, stratify=d.target)
+    idx_train, idx_test = digits_split(d.target)
     x = torch.from_numpy(np.stack([preprocess_pil(render_digit(im), res) for im in d.images]))
     y = torch.from_numpy(d.target.astype(np.int64))
     return Dataset(Split(x[idx_train], y[idx_train]), Split(x[idx_test], y[idx_test]), [str(i) for i in range(10)], res)
@@ -73,7 +80,8 @@ def class_names(data: str) -> list[str]:
         return [str(i) for i in range(10)]
     root = Path(data)
     if not root.is_dir():
-        raise ShvitError(f"--data {root}: no such directory (expected 'digits' or a folder with train/ and val/)")
+        what = "not a directory" if root.exists() else "no such directory"
+        raise ShvitError(f"--data {root}: {what} (expected 'digits' or a folder with train/<class>/ and val/<class>/)")
     for split in ("train", "val"):
         if not (root / split).is_dir():
             raise ShvitError(f"--data {root}: missing {split}/ folder (expected {root}/train/<class>/ and {root}/val/<class>/)")
@@ -92,19 +100,27 @@ def image_folder(path, res: int) -> Dataset:
     return Dataset(_folder_split(root / "train", classes, res), _folder_split(root / "val", classes, res), classes, res)
 
 
-def load(data: str, res: int) -> Dataset:
-    return digits(res) if data == "digits" else image_folder(data, res)
+def load(data: str, res: int, limit: int | None = None) -> Dataset:
+    """``--data``: 'digits' or an ImageFolder path; ``limit`` keeps the first N of each split."""
+    ds = digits(res) if data == "digits" else image_folder(data, res)
+    if limit is not None:
+        ds.train = Split(ds.train.x[:limit], ds.train.y[:limit])
+        ds.test = Split(ds.test.x[:limit], ds.test.y[:limit])
+    return ds
 
 
-def augment(x: torch.Tensor, generator: torch.Generator, degrees=10.0, translate=0.1, scale=(0.9, 1.1)) -> torch.Tensor:
-    """Random rotation, shift and zoom per image (no flips: a mirrored 2 is not a 2)."""
+def augment(x: torch.Tensor, generator: torch.Generator, degrees=10.0, translate=0.1, scale=(0.9, 1.1),
+            flip: bool = False) -> torch.Tensor:
+    """Random rotation, shift and zoom per image, and optionally horizontal flips (not for
+    digits: a mirrored 2 is not a 2). (B, 3, H, W) -> (B, 3, H, W)."""
     B = x.shape[0]
     u = torch.rand(B, 4, generator=generator)
     angle = (u[:, 0] * 2 - 1) * math.radians(degrees)
     s = scale[0] + u[:, 1] * (scale[1] - scale[0])
     tx, ty = (u[:, 2] * 2 - 1) * translate * 2, (u[:, 3] * 2 - 1) * translate * 2  # grid units span 2
     cos, sin = torch.cos(angle) / s, torch.sin(angle) / s
-    theta = torch.stack([torch.stack([cos, -sin, tx], 1), torch.stack([sin, cos, ty], 1)], 1)  # (B, 2, 3)
+    mirror = torch.where(torch.rand(B, generator=generator) < 0.5, -1.0, 1.0) if flip else torch.ones(B)
+    theta = torch.stack([torch.stack([cos * mirror, -sin, tx], 1), torch.stack([sin * mirror, cos, ty], 1)], 1)  # (B, 2, 3)
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
