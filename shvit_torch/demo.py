@@ -50,9 +50,9 @@ def timed(fn: Callable[[np.ndarray], np.ndarray], x: np.ndarray, batch: int = 15
     return out, len(x) / (time.perf_counter() - t)
 
 
-def load_runtimes(weights: Path) -> dict[str, Callable[[np.ndarray], np.ndarray]]:
-    """The same weight file in each runtime that is installed, as (B, 3, H, W) -> logits functions.
-    torch runs the folded model, as the other two do."""
+def load_runtimes(weights: Path) -> tuple[dict[str, Callable[[np.ndarray], np.ndarray]], dict[str, str]]:
+    """The same weight file in each runtime, as (B, 3, H, W) -> logits functions (torch runs the
+    folded model, as the other two do); and why any runtime could not be loaded."""
     import shvit_torch
 
     fused = shvit_torch.load(weights).fuse()
@@ -61,32 +61,50 @@ def load_runtimes(weights: Path) -> dict[str, Callable[[np.ndarray], np.ndarray]
         with torch.inference_mode():
             return fused(torch.from_numpy(x)).numpy()
 
-    runtimes = {"torch": torch_fn}
-    try:
-        import shvit_numpy
-
-        runtimes["numpy"] = shvit_numpy.load(weights)
-    except (ImportError, AttributeError, ShvitError) as e:
-        note(f"numpy runtime skipped ({e})")
-    try:
-        import shvit_tiny
-
-        runtimes["tinygrad"] = shvit_tiny.load(weights, device="CPU" if shutil.which("clang") else None)
-    except (ImportError, AttributeError, ShvitError) as e:
-        note(f"tinygrad runtime skipped ({e})")
-    return runtimes
+    runtimes, failed = {"torch": torch_fn}, {}
+    for name, load in (("numpy", load_numpy), ("tinygrad", load_tiny)):
+        try:
+            runtimes[name] = load(weights)
+        except Exception as e:  # noqa: BLE001 - the tour goes on without it, and says why
+            failed[name] = one_line(e)
+    return runtimes, failed
 
 
-def evaluate_runtimes(weights: Path, split: datasets.Split) -> dict[str, dict]:
-    """Accuracy, images/s and max |delta logits| against torch for each runtime, on one weight file."""
+def load_numpy(weights: Path):
+    import shvit_numpy
+
+    return shvit_numpy.load(weights)
+
+
+def load_tiny(weights: Path):
+    import shvit_tiny
+
+    return shvit_tiny.load(weights, device="CPU" if shutil.which("clang") else None)  # else tinygrad's default
+
+
+def one_line(e: Exception) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"[:200]
+
+
+def evaluate_runtimes(weights: Path, split: datasets.Split) -> tuple[dict[str, dict], dict[str, str]]:
+    """Accuracy, images/s and max |delta logits| against torch for each runtime, on one weight
+    file; and the runtimes that failed, with their one-line reason."""
     x, y = split.x.numpy(), split.y.numpy()
+    runtimes, failed = load_runtimes(weights)
     rows, ref = {}, None
-    for name, fn in load_runtimes(weights).items():
-        logits, speed = timed(fn, x)
+    for name, fn in runtimes.items():
+        try:
+            logits, speed = timed(fn, x)
+        except Exception as e:  # noqa: BLE001
+            failed[name] = one_line(e)
+            continue
         ref = logits if ref is None else ref
         rows[name] = {"acc": float((logits.argmax(1) == y).mean()), "images_per_s": speed,
                       "max_abs_delta": float(np.abs(logits - ref).max())}
-    return rows
+    for name, why in failed.items():
+        note(f"the {name} runtime did not run ({why})")
+    return rows, failed
 
 
 def print_table(rows: dict[str, dict], n: int) -> None:
@@ -150,9 +168,9 @@ def main(argv=None) -> int:
         metrics = json.loads(metrics_path.read_text())
         split = datasets.digits(metrics["resolution"]).test
         t_eval = time.perf_counter()
-        rows = evaluate_runtimes(args.out / "model.safetensors", split)
+        rows, failed = evaluate_runtimes(args.out / "model.safetensors", split)
         print_table(rows, len(split.x))
-        metrics["runtimes"] = rows
+        metrics["runtimes"], metrics["failed_runtimes"] = rows, failed
         for name, key in (("numpy", "numpy"), ("tinygrad", "tiny")):
             if name in rows:
                 metrics[f"{key}_test_acc"] = rows[name]["acc"]
@@ -161,15 +179,23 @@ def main(argv=None) -> int:
         train.write_json(metrics_path, metrics)
         print(f"\ntraining {metrics['train_seconds']:.0f} s, evaluation {metrics['eval_seconds']:.0f} s, "
               f"{metrics['demo_seconds']:.0f} s in all; wrote {metrics_path}; curves in {args.out / 'curves.png'}")
-        if args.bundle:
-            bundle(args.out)
     except ShvitError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
     low = [k for k in ("test_acc", "numpy_test_acc", "tiny_test_acc") if k in metrics and metrics[k] < MIN_ACC]
     if low:
         print(f"{PROG}: error: accuracy below {MIN_ACC} for {', '.join(low)}", file=sys.stderr)
+    if failed:
+        print(f"{PROG}: error: the {' and '.join(failed)} runtime{'s' if len(failed) > 1 else ''} did not run (see the notes above)",
+              file=sys.stderr)
+    if low or failed:
         return 1
+    if args.bundle:
+        try:
+            bundle(args.out)
+        except ShvitError as e:
+            print(f"{PROG}: error: {e}", file=sys.stderr)
+            return 1
     return 0
 
 
