@@ -4,14 +4,17 @@ Throughput (images/s at batch 16 and 64), latency (batch 1) and peak memory of s
 (unfolded eager, folded, channels_last, traced, torch.compile), shvit_numpy, shvit_tiny (CPU
 and CL, after the JIT) and the peers (ONNX Runtime on shvit_torch's folded ONNX export; timm's
 SHViT when timm imports), for s1-s4 at their resolutions, on one core and on all cores.
-Writes JSON and Markdown to benchmarks/results/ and a chart to docs/bench.png, then checks
-the issue's speed floors (S1, batch 16, one core).
+Then it checks the issue's speed floors (S1, batch 16, one core).
 
 Runs:  default  s1-s4, batches 1/16/64, 1 core and all cores; the compiled runtimes (tinygrad,
-                torch.compile: 15-50 s of compiling per input shape) at s1, batch 16 only [~10 min]
-       --quick  s1, batch 16, one core, 3 rounds, no memory: the floors only   [~2 min]
-       --full   compiled runtimes at every variant too, 7 rounds
+                torch.compile: 15-50 s of compiling per input shape) at s1, batch 16 only
+                (the first variant and batch 16; --runtimes naming them lifts that)  [~10 min]
+       --full   the compiled runtimes everywhere too (36 compiles per thread setting), 7 rounds  [slow]
+       --quick  s1, batch 16, one core, 3 rounds, no memory: the floors only      [~2 min]
        --device cuda   torch and tinygrad (and timm) at batch 256, float16, s1-s4
+Outputs: default and --full: benchmarks/results/latest.{json,md} and docs/bench.png; --quick,
+--device cuda and runs narrowed by --variants/--batches/--threads/--runtimes/--skip/--rounds
+write quick.*, gpu.* or custom.* (JSON, Markdown, PNG) in benchmarks/results/ instead.
 """
 from __future__ import annotations
 
@@ -90,14 +93,15 @@ def make_parser() -> Parser:
     p.add_argument("--runtimes", type=csv("runtime", list(RUNTIMES)), help=f"comma-separated subset of: {', '.join(RUNTIMES)}")
     p.add_argument("--skip", type=csv("runtime", list(RUNTIMES)), default=[], help="runtimes to leave out")
     p.add_argument("--rounds", type=int, help="timed rounds per cell (default 5; --quick 3; --full 7)")
-    p.add_argument("--warmup", type=int, default=2, help="untimed calls after the first (compiling) call (default 2)")
+    p.add_argument("--warmup", type=int, default=2,
+                   help="untimed calls after the first (compiling) call; tinygrad's JIT needs 2 (default 2)")
     p.add_argument("--min-round", type=float, metavar="S", help="a round repeats a call until it lasts S seconds (default 0.25)")
     p.add_argument("--memory", action=argparse.BooleanOptionalAction, default=None,
                    help="measure peak memory (default: on, off with --quick)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="cuda: the GPU comparison at batch 256, float16")
     p.add_argument("--float32", action="store_true", help="with --device cuda: float32 instead of float16")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results", metavar="DIR", help="where the JSON and Markdown go")
-    p.add_argument("--chart", type=Path, metavar="PNG", help="chart path (default docs/bench.png; --quick: DIR/quick.png)")
+    p.add_argument("--chart", type=Path, metavar="PNG", help="chart path (default: see Outputs below)")
     p.add_argument("--strict", action="store_true", help="exit 1 when a speed floor fails")
     p.add_argument("--list", action="store_true", help="list the runtimes and what each times, then exit")
     return p
@@ -125,15 +129,17 @@ def plan(args) -> dict:
         raise ShvitError("--rounds must be >= 1, --warmup and --min-round >= 0")
     if max(threads) > len(cpus):
         raise ShvitError(f"--threads {max(threads)} is more than the {len(cpus)} CPUs this process may use")
-    # compiled runtimes pay 15-50 s per input shape: by default, only at the first variant and the floor batch
-    compiled_everywhere = args.full or args.quick or gpu or args.variants is not None
-    restricted = [k for k in keys if RUNTIMES[k].compiled] if not compiled_everywhere else []
+    custom = bool(args.skip) or any(a is not None for a in (args.variants, args.batches, args.threads, args.runtimes, args.rounds))
+    # compiled runtimes pay 15-50 s per input shape: only at the first variant and the floor batch,
+    # unless --full (or --quick, or the GPU run) or --runtimes names them
+    everywhere = args.full or args.quick or gpu
+    restricted = [k for k in keys if RUNTIMES[k].compiled and k not in (args.runtimes or [])] if not everywhere else []
     memory = args.memory if args.memory is not None else not args.quick
     mem_batch = 16 if 16 in batches else max(batches)
     return dict(keys=keys, variants=variants, batches=batches, threads=threads, rounds=rounds, warmup=args.warmup,
                 min_round_s=min_round, device=args.device, half=gpu and not args.float32, cpus=cpus,
                 restricted=restricted, memory=memory, mem_batch=mem_batch, floor_batch=mem_batch,
-                mode="quick" if args.quick else "full" if args.full else "gpu" if gpu else "default")
+                mode="gpu" if gpu else "custom" if custom else "quick" if args.quick else "full" if args.full else "default")
 
 
 def runtimes_for(p: dict, variant: str) -> list[str]:
@@ -241,13 +247,15 @@ def memory_runs(p: dict, files: dict, workdir: Path) -> list:
 
 # -- main -------------------------------------------------------------------------------------------------------
 
-def outputs(args, p: dict) -> tuple[str, Path | None]:
-    stem = {"quick": "quick", "gpu": "gpu"}.get(p["mode"], "latest")
+def outputs(args, p: dict) -> tuple[str, Path]:
+    """latest.{json,md} and docs/bench.png for the default and --full runs; quick, custom (any
+    selection flag) and gpu runs keep their own names, so a partial run never replaces the full one."""
+    stem = "latest" if p["mode"] in ("default", "full") else p["mode"]
     if args.chart is not None:
         return stem, args.chart
-    if p["mode"] == "quick":
-        return stem, args.out / "quick.png"
-    return stem, ROOT / "docs" / ("bench-gpu.png" if p["mode"] == "gpu" else "bench.png")
+    if stem == "latest":
+        return stem, ROOT / "docs" / "bench.png"
+    return stem, args.out / f"{stem}.png"
 
 
 def list_runtimes() -> None:
@@ -264,6 +272,9 @@ def run(p: dict) -> dict:
     t0 = time.perf_counter()
     started = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
     load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    if load_before is not None and load_before > 0.5 * len(p["cpus"]):
+        print(f"warning: load average {load_before:.1f} on {len(p['cpus'])} cores: other work is running; figures will be noisy "
+              "and multi-thread ones low (a thread waits at each barrier for a descheduled peer)", file=sys.stderr)
     workdir = Path(tempfile.mkdtemp(prefix="shvit-bench-"))
     try:
         print(f"preparing {', '.join(p['variants'])} (random weights{', ONNX export' if 'ort' in p['keys'] else ''})", file=sys.stderr)

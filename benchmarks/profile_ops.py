@@ -39,18 +39,20 @@ TORCH_CONV = ("aten::mkldnn_convolution", "aten::_convolution_depthwise2d", "ate
               "aten::_nnpack_spatial_convolution", "aten::convolution_overrideable", "aten::_mkldnn_convolution")
 
 
-def torch_profile(model, x, repeats: int) -> dict[str, float]:
+def torch_profile(model, x, repeats: int, channels_last: bool = False) -> dict[str, float]:
     """Milliseconds per batch by operator (self CPU time), convolutions split by kind."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    model = model.to(memory_format=fmt)
     xt = torch.from_numpy(x)
     with torch.inference_mode():
         for _ in range(3):
-            model(xt)
+            model(xt.contiguous(memory_format=fmt))
         with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
             for _ in range(repeats):
-                model(xt)
+                model(xt.contiguous(memory_format=fmt))
     out = defaultdict(float)
     conv_names = set(TORCH_CONV)
     for e in prof.key_averages(group_by_input_shape=True):
@@ -99,13 +101,14 @@ def ort_profile(onnx_path: Path, x, threads: int, repeats: int) -> dict[str, flo
 
 # ---- main -------------------------------------------------------------------------------------------------------
 
-def table(torch_ms: dict, ort_ms: dict, top: int) -> str:
+def table(torch_ms: dict, ort_ms: dict, top: int, form: str = "") -> str:
     tt, ot = sum(torch_ms.values()), sum(ort_ms.values())
     conv = sorted({k for k in list(torch_ms) + list(ort_ms) if k.startswith("conv")})
     rest = sorted({k for k in list(torch_ms) + list(ort_ms) if not k.startswith("conv")},
                   key=lambda k: -(torch_ms.get(k, 0) + ort_ms.get(k, 0)))
     keys = conv + rest[:top]
-    lines = ["| operator | shvit_torch folded (ms) | share | ONNX Runtime (ms) | share |", "|---|---|---|---|---|"]
+    lines = [f"| operator | shvit_torch folded{', ' + form if form else ''} (ms) | share | ONNX Runtime (ms) | share |",
+             "|---|---|---|---|---|"]
     for k in keys:
         a, b = torch_ms.get(k, 0.0), ort_ms.get(k, 0.0)
         lines.append(f"| {k} | {a:.1f} | {100 * a / tt:.0f}% | {b:.1f} | {100 * b / ot:.0f}% |")
@@ -136,11 +139,11 @@ def child(args) -> int:
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / f"{args.variant}.onnx"
         export_onnx(model, path, resolution=res)
-        torch_ms = torch_profile(model.fuse(), x, args.repeats)
+        torch_ms = torch_profile(model.fuse(), x, args.repeats, args.channels_last)
         ort_ms = ort_profile(path, x, args.threads, args.repeats)
     print(f"{args.variant} at {res}, batch {args.batch}, {args.threads} thread(s), {args.repeats} profiled batches; "
           f"operator time per batch (profilers add some overhead to both)\n")
-    print(table(torch_ms, ort_ms, args.top))
+    print(table(torch_ms, ort_ms, args.top, "channels_last" if args.channels_last else ""))
     return 0
 
 
@@ -150,6 +153,7 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--threads", type=int, default=1, help="threads, and CPUs pinned to (default 1)")
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--channels-last", action="store_true", help="profile the folded torch model in channels_last")
     p.add_argument("--top", type=int, default=10, help="non-convolution operators shown (default 10)")
     args = p.parse_args(argv)
     if min(args.batch, args.threads, args.repeats, args.top) < 1:

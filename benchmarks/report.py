@@ -8,7 +8,6 @@ from .runners import RUNTIMES
 
 # The paper's A100 throughput (images/s, batch 256, float16); see /work/shared/spec/shvit.md.
 PAPER_A100 = {"s1": 33_489, "s2": 26_878, "s3": 20_522, "s4": 14_283}
-BEST = "best shvit runtime"
 # one colour per runtime in every chart: torch blues, numpy orange, tinygrad greens, peers purple and grey
 COLORS = {"torch-eager": "#9ecae1", "torch-folded": "#6baed6", "torch-cl": "#3182bd", "torch-traced": "#08519c",
           "torch-compile": "#08306b", "numpy": "#fd8d3c", "tiny-cpu": "#74c476", "tiny-cl": "#31a354", "tiny-cuda": "#006d2c",
@@ -17,21 +16,26 @@ COLORS = {"torch-eager": "#9ecae1", "torch-folded": "#6baed6", "torch-cl": "#318
 
 @dataclass(frozen=True)
 class Floor:
-    """numerator / denominator of images/s at one cell; PASS when >= floor (None: no floor, goal only)."""
+    """numerator / denominator of images/s at one cell; PASS when >= floor (None: no floor, goal only).
+    The numerator is the fastest of the runtimes it names that were measured."""
 
     name: str
-    numerator: str  # a runtime key, or BEST (the fastest of the shvit family)
+    numerator: tuple[str, ...]
     denominator: str
     floor: float | None
     goal: float
 
 
 FLOOR_CELL = {"variant": "s1", "batch": 16, "threads": 1}
+TORCH_FOLDED = ("torch-folded", "torch-cl", "torch-traced", "torch-compile")
+SHVIT = tuple(k for k, r in RUNTIMES.items() if r.family == "shvit")
+# Floor 1 takes shvit_torch's fastest folded form: traced, ours and timm's are the same graph, so
+# traced against traced could only measure noise; what users of shvit_torch can get is the question.
 FLOORS = [
-    Floor("shvit_torch folded ÷ timm folded and traced (both traced + frozen)", "torch-traced", "timm", 1.0, 1.2),
-    Floor("shvit_numpy ÷ shvit_torch folded", "numpy", "torch-folded", 0.5, 0.75),
-    Floor("shvit_tiny CPU (JIT) ÷ shvit_torch folded", "tiny-cpu", "torch-folded", 0.7, 1.0),
-    Floor("best shvit runtime ÷ ONNX Runtime (same folded weights)", BEST, "ort", None, 1.0),
+    Floor("shvit_torch folded (fastest form) ÷ timm folded and traced", TORCH_FOLDED, "timm", 1.0, 1.2),
+    Floor("shvit_numpy ÷ shvit_torch folded", ("numpy",), "torch-folded", 0.5, 0.75),
+    Floor("shvit_tiny CPU (JIT) ÷ shvit_torch folded", ("tiny-cpu",), "torch-folded", 0.7, 1.0),
+    Floor("best shvit runtime ÷ ONNX Runtime (same folded weights)", SHVIT, "ort", None, 1.0),
 ]
 
 
@@ -54,18 +58,16 @@ def check_floors(result: dict) -> list[dict]:
     cell = FLOOR_CELL
     here = {r["runtime"]: throughput(r)["median"] for r in rows
             if (r["variant"], r["batch"], r["threads"]) == (cell["variant"], cell["batch"], cell["threads"])}
-    shvit = {k: v for k, v in here.items() if RUNTIMES[k].family == "shvit"}
     reasons = {s["runtime"]: s["reason"] for s in result.get("skipped", [])}
     out = []
     for f in FLOORS:
-        if f.numerator == BEST:
-            num_key = max(shvit, key=shvit.get) if shvit else None
-        else:
-            num_key = f.numerator
-        entry = {"name": f.name, "numerator": num_key or f.numerator, "denominator": f.denominator, "floor": f.floor, "goal": f.goal}
+        measured = [k for k in f.numerator if k in here]
+        num_key = max(measured, key=here.get) if measured else None
+        entry = {"name": f.name, "numerator": num_key or f.numerator[0], "denominator": f.denominator, "floor": f.floor, "goal": f.goal,
+                 "fastest_of": list(f.numerator) if len(f.numerator) > 1 else None}
         missing = [k for k in (num_key, f.denominator) if k is None or k not in here]
         if missing:
-            key = missing[0] or "shvit runtimes"
+            key = missing[0] or f.numerator[0]
             why = reasons.get(key, "not measured in this run (see --quick, --runtimes)")
             entry.update(value=None, status="SKIP", reason=f"{key}: {why}")
         else:
@@ -130,7 +132,7 @@ def floors_table(floors: list[dict]) -> list[str]:
             lines.append(f"| {f['name']} | — | {floor} | {f['goal']:.2f} | SKIP: {f['reason']} |")
             continue
         goal = "goal met" if f["goal_met"] else "below goal"
-        who = f" ({RUNTIMES[f['numerator']].label})" if f["name"].startswith(BEST) else ""
+        who = f" ({RUNTIMES[f['numerator']].label})" if f.get("fastest_of") else ""
         lines.append(f"| {f['name']}{who} | {f['value']:.2f} | {floor} | {f['goal']:.2f} | {f['status']}, {goal} |")
     return lines + [""]
 
@@ -160,7 +162,7 @@ def markdown(result: dict) -> str:
                      "multi-thread ones most (a thread waiting at a barrier for a descheduled peer). Re-run on a quiet machine."
                      if busy else " (quiet)."), ""]
     lines += [f"Method: {s['rounds']} rounds interleaved in one process per thread setting (the order rotates each round), "
-              f"{s['warmup']} warm-up call(s) plus a sizing call excluded (and each runtime's first, compiling call), "
+              f"each runtime's first (compiling) call and {s['warmup']} more warm-up call(s) untimed, "
               f"rounds of at least {s['min_round_s']} s; median (min–max over rounds). Random weights and BatchNorm statistics. "
               "Input: a float32 NCHW numpy batch; output: logits (numpy on CPU). One core = the process pinned to one CPU with "
               "every library limited to one thread. Peak RSS: a fresh process per runtime and variant (VmHWM; in brackets, "

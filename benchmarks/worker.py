@@ -8,8 +8,9 @@ torch is imported, so "one core" means one core for every library and every thre
 Two modes:
 
 * ``speed``: for each variant, build every runtime once; for each batch size, warm each up
-  (its first call compiles, where it compiles; the next calls settle caches and the JIT), pick
-  how many calls make one round last at least ``min_round_s``, then run ``rounds`` rounds in
+  (its first call compiles, where it compiles; the next ``warmup`` calls settle caches and
+  capture tinygrad's JIT, and the last of them tells how many calls make one round last at
+  least ``min_round_s``), then run ``rounds`` rounds in
   which every runtime takes its turn (the order rotates each round). A sample is one round's
   time per call; the result is the median and the min-max of the samples. Interleaving means
   a noisy moment on a shared machine hits every runtime, not one.
@@ -70,12 +71,12 @@ def time_batch(runners, x, rounds: int, warmup: int, min_round_s: float):
             call = runner.prepare(x)
             t0 = time.perf_counter()
             call()  # compiles, where the runtime compiles
-            first[key] = time.perf_counter() - t0
-            for _ in range(warmup):
+            first[key] = last = time.perf_counter() - t0
+            for _ in range(warmup):  # the last warm-up call's time sizes the rounds
+                t0 = time.perf_counter()
                 call()
-            t0 = time.perf_counter()
-            call()
-            reps[key] = max(1, math.ceil(min_round_s / max(time.perf_counter() - t0, 1e-9)))
+                last = time.perf_counter() - t0
+            reps[key] = max(1, math.ceil(min_round_s / max(last, 1e-9)))
             calls[key] = call
         except Exception as e:
             failed[key] = f"failed at batch {len(x)}: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
@@ -101,10 +102,13 @@ def speed(spec) -> dict:
     rows, skipped = [], []
     threads, where = spec["threads"], spec["label"]
     if spec["device"] == "cpu":
-        import torch
-
-        torch.set_num_threads(threads)
-        torch.set_num_interop_threads(1)
+        try:
+            import torch
+        except ImportError:  # no torch runtime to limit
+            pass
+        else:
+            torch.set_num_threads(threads)
+            torch.set_num_interop_threads(1)
     rng = np.random.default_rng(spec.get("seed", 0))
     for cell in spec["cells"]:
         v, res = cell["variant"], cell["resolution"]
