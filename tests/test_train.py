@@ -137,15 +137,12 @@ def test_short_run_learns_and_writes_everything(short_run):
     assert model.labels == [str(i) for i in range(10)] and model.resolution == 32
 
 
-def test_weights_load_in_all_three_runtimes_and_agree(short_run):
-    import shvit_tiny
-
-    path = short_run / "model.safetensors"
+def test_trained_weights_give_torchs_logits_in_numpy(short_run):
+    path = short_run / "model.safetensors"  # tinygrad: see the torchrun test (one tinygrad compile is enough)
     x = data.digits(32).test.x[:8].numpy()
     with torch.no_grad():
         ref = shvit_torch.load(path)(torch.from_numpy(x)).numpy()
     assert_close("numpy", shvit_numpy.load(path)(x), ref)
-    assert_close("tinygrad", shvit_tiny.load(path, device="CPU")(x), ref)
 
 
 def digit_folders(root: Path, labels: dict[str, int], n_train: int = 12, n_val: int = 4) -> Path:
@@ -203,7 +200,7 @@ def test_torchrun_two_processes(tmp_path):
     history = json.loads((tmp_path / "metrics.jsonl").read_text())
     assert metrics["world_size"] == 2 and history["train_images"] == 128  # two shards of 64, counts summed
     path = tmp_path / "model.safetensors"
-    x = data.digits(32).test.x[:4].numpy()
+    x = data.digits(32).test.x[:8].numpy()
     with torch.no_grad():
         ref = shvit_torch.load(path)(torch.from_numpy(x)).numpy()
     assert_close("numpy after DDP", shvit_numpy.load(path)(x), ref)
