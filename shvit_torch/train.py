@@ -240,8 +240,9 @@ def train_step(s: Step, x: torch.Tensor, target: torch.Tensor) -> tuple[float, t
     """Forward, loss, backward, clip, AdamW step. Raises ``TrainingError`` on a non-finite loss or
     gradient norm, before the weights are touched. Returns (loss, class logits)."""
     loss, logits = compute_loss(s, x, target)
-    if any_rank(not bool(torch.isfinite(loss)), s.device):
-        raise TrainingError(f"the loss became {loss.item()}")
+    bad = not bool(torch.isfinite(loss))
+    if any_rank(bad, s.device):
+        raise TrainingError(f"the loss became {loss.item()}" if bad else "another process's loss became non-finite")
     s.opt.zero_grad(set_to_none=True)
     loss.backward()
     if s.clip_grad:
@@ -312,12 +313,13 @@ def read_training_state(path: Path, model: SHViT) -> dict:
         raise ShvitError(f"--resume: no checkpoint at {path} (run without --resume first)")
     try:
         ck = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unreadable file is the same user error
-        raise ShvitError(f"--resume: {path} is not a readable training checkpoint ({str(e).splitlines()[0][:120]})") from None
+    except Exception:  # noqa: BLE001 - any unreadable file is the same user error
+        raise ShvitError(f"--resume: {path} is not a readable training checkpoint (truncated, or not written by {PROG})") from None
     if not isinstance(ck, dict) or "epoch" not in ck:
         raise ShvitError(f"--resume: {path} is not a checkpoint written by {PROG}")
     if ck.get("config") != model.config.to_json():
-        raise ShvitError(f"--resume: {path} is for a different model ({ck.get('config')}); use the same options as the first run")
+        raise ShvitError(f"--resume: {path} holds another model configuration than these options give; "
+                         f"resume with the first run's --variant/--init-from/--teacher")
     return ck
 
 
