@@ -12,9 +12,9 @@ Runs:  default  s1-s4, batches 1/16/64, 1 core and all cores; the compiled runti
        --full   the compiled runtimes everywhere too (36 compiles per thread setting), 7 rounds  [slow]
        --quick  s1, batch 16, one core, 3 rounds, no memory: the floors only      [~2 min]
        --device cuda   torch and tinygrad (and timm) at batch 256, float16, s1-s4
-Outputs: default and --full: benchmarks/results/latest.{json,md} and docs/bench.png; --quick,
---device cuda and runs narrowed by --variants/--batches/--threads/--runtimes/--skip/--rounds
-write quick.*, gpu.* or custom.* (JSON, Markdown, PNG) in benchmarks/results/ instead.
+Outputs: default and --full: benchmarks/results/latest.{json,md} and docs/bench.png; --device
+cuda: benchmarks/results/gpu.{json,md} and docs/bench-gpu.png; --quick and runs narrowed by
+--variants/--batches/--threads/--runtimes/--skip/--rounds: runs/bench/{quick,custom}.{json,md,png}.
 """
 from __future__ import annotations
 
@@ -41,6 +41,8 @@ from .runners import RUNTIMES
 
 PROG = "python -m benchmarks.bench"
 ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"  # kept in the repository: the latest full run
+SCRATCH = ROOT / "runs" / "bench"  # quick and narrowed runs (runs/ is ignored by git)
 THREAD_ENV = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "VECLIB_MAXIMUM_THREADS", "NUMEXPR_NUM_THREADS",
               "NUM_CPU_THREADS",  # tinygrad's CPU device
               "POCL_CPU_MAX_CU_COUNT", "POCL_MAX_PTHREAD_COUNT")  # PoCL (tinygrad's CL device on a CPU)
@@ -100,7 +102,7 @@ def make_parser() -> Parser:
                    help="measure peak memory (default: on, off with --quick)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="cuda: the GPU comparison at batch 256, float16")
     p.add_argument("--float32", action="store_true", help="with --device cuda: float32 instead of float16")
-    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results", metavar="DIR", help="where the JSON and Markdown go")
+    p.add_argument("--out", type=Path, metavar="DIR", help="where the JSON and Markdown go (default: see Outputs below)")
     p.add_argument("--chart", type=Path, metavar="PNG", help="chart path (default: see Outputs below)")
     p.add_argument("--strict", action="store_true", help="exit 1 when a speed floor fails")
     p.add_argument("--list", action="store_true", help="list the runtimes and what each times, then exit")
@@ -247,15 +249,17 @@ def memory_runs(p: dict, files: dict, workdir: Path) -> list:
 
 # -- main -------------------------------------------------------------------------------------------------------
 
-def outputs(args, p: dict) -> tuple[str, Path]:
-    """latest.{json,md} and docs/bench.png for the default and --full runs; quick, custom (any
-    selection flag) and gpu runs keep their own names, so a partial run never replaces the full one."""
-    stem = "latest" if p["mode"] in ("default", "full") else p["mode"]
-    if args.chart is not None:
-        return stem, args.chart
-    if stem == "latest":
-        return stem, ROOT / "docs" / "bench.png"
-    return stem, args.out / f"{stem}.png"
+def outputs(args, p: dict) -> tuple[Path, Path]:
+    """(JSON/Markdown path without suffix, chart path). The default and --full runs are the ones
+    the repository keeps (benchmarks/results/latest.*, docs/bench.png), the GPU run too (gpu.*,
+    docs/bench-gpu.png); --quick and narrowed runs go to runs/bench/ (ignored by git), so a
+    partial run never replaces a full one. --out and --chart override the places."""
+    mode = p["mode"]
+    stem = "latest" if mode in ("default", "full") else mode
+    keep = mode in ("default", "full", "gpu")
+    folder = args.out or (RESULTS if keep else SCRATCH)
+    chart = args.chart or (ROOT / "docs" / ("bench-gpu.png" if mode == "gpu" else "bench.png") if keep else folder / f"{stem}.png")
+    return folder / stem, chart
 
 
 def list_runtimes() -> None:
@@ -306,12 +310,12 @@ def main(argv=None) -> int:
         return 0
     try:
         p = plan(args)
-        stem, chart_path = outputs(args, p)
+        base, chart_path = outputs(args, p)
         result = run(p)
         text = report.markdown(result)
-        with atomic_path(args.out / f"{stem}.json") as tmp, open(tmp, "w") as f:
+        with atomic_path(base.with_suffix(".json")) as tmp, open(tmp, "w") as f:
             json.dump(result, f, indent=1)
-        with atomic_path(args.out / f"{stem}.md") as tmp, open(tmp, "w") as f:
+        with atomic_path(base.with_suffix(".md")) as tmp, open(tmp, "w") as f:
             f.write(text)
         drew = bool(result["speed"]) and report.chart(result, chart_path)
     except ShvitError as e:
@@ -324,7 +328,7 @@ def main(argv=None) -> int:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
     print(text)
-    print(f"wrote {args.out / (stem + '.json')}, {args.out / (stem + '.md')}" + (f", {chart_path}" if drew else "") +
+    print(f"wrote {base}.json, {base}.md" + (f", {chart_path}" if drew else "") +
           f" in {result['duration_s'] / 60:.1f} min")
     failed = [f for f in result["floors"] if f["status"] == "FAIL"]
     return 1 if args.strict and failed else 0

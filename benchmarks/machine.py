@@ -69,6 +69,11 @@ def numpy_blas() -> str | None:
 def describe() -> dict:
     """A JSON-able description of this machine and the software the bench runs."""
     libs = {d: version(d) for d in ("numpy", "torch", "tinygrad", "onnxruntime", "onnx", "timm", "torchvision")}
+    if libs["timm"]:
+        try:
+            import timm  # noqa: F401
+        except Exception:  # installed but broken (timm needs a torchvision that imports beside this torch)
+            libs["timm"] += " (installed, does not import)"
     hypervisor = None
     try:
         with open("/proc/cpuinfo") as f:

@@ -150,6 +150,11 @@ def gpu_table(result: dict) -> list[str]:
     return lines + [""]
 
 
+def where(places: list[str]) -> str:
+    places = sorted(set(places))
+    return "; ".join(places) if len(places) <= 3 else f"{len(places)} places: {places[0]} ... {places[-1]}"
+
+
 def markdown(result: dict) -> str:
     m, s = result["machine"], result["settings"]
     load = result.get("load_average", {})
@@ -181,7 +186,7 @@ def markdown(result: dict) -> str:
             notes.setdefault((mm["runtime"], mm["skipped"]), []).append(f"memory, {mm['variant']}")
     if notes:
         lines += ["Not measured:", ""]
-        lines += [f"- {RUNTIMES[k].label}: {why} ({'; '.join(sorted(set(w)))})" for (k, why), w in notes.items()]
+        lines += [f"- {RUNTIMES[k].label}: {why} ({where(w)})" for (k, why), w in notes.items()]
         lines.append("")
     if result.get("restricted"):
         lines += [result["restricted"], ""]
