@@ -1,8 +1,10 @@
 """Choosing a tinygrad device, with one-line errors instead of tracebacks.
 
-tinygrad 0.14 names: CPU (compiled with clang), CL (OpenCL), METAL, CUDA, NV, AMD, QCOM, WEBGPU.
-With no device given, tinygrad's default is used: ``DEV=...`` if set, else the first that works
-in the order METAL, AMD, NV, CUDA, QCOM, CL, CPU.
+tinygrad 0.14 names: CPU (C compiled with clang), CL (OpenCL), METAL, CUDA, NV, AMD, QCOM,
+WEBGPU; any case is accepted, and the old names CLANG (now CPU) and GPU (now CL) too.
+With no device given: ``DEV=...`` if set, else the first that works in tinygrad's order
+(METAL, AMD, NV, CUDA, QCOM, CL, CPU), except that an OpenCL device which is really the CPU
+(PoCL) comes after tinygrad's own CPU device: this model's CPU kernels are faster there.
 """
 from __future__ import annotations
 
@@ -12,35 +14,76 @@ import shutil
 from shvit_numpy.errors import ShvitError
 
 KNOWN = ("CPU", "CL", "METAL", "CUDA", "NV", "AMD", "QCOM", "WEBGPU")
-ALIASES = {"CLANG": "CPU", "GPU": "CL", "OPENCL": "CL", "LLVM": "CPU"}
+ALIASES = {"CLANG": "CPU", "GPU": "CL", "OPENCL": "CL"}
+ORDER = ("METAL", "AMD", "NV", "CUDA", "QCOM", "CL", "CPU")  # tinygrad's own preference
+
+
+def clang_missing() -> bool:
+    """tinygrad's CPU device compiles C with ``$CC`` (default clang) unless told to use LLVM."""
+    return shutil.which(os.environ.get("CC", "clang")) is None and "LLVM" not in os.environ.get("DEV", "").upper()
+
+
+def opens(name: str) -> bool:
+    from tinygrad import Device
+
+    if name == "CPU" and clang_missing():
+        return False
+    try:
+        Device[name]
+        return True
+    except Exception:  # a missing driver or library raises anything from OSError to RuntimeError
+        return False
+
+
+def cl_is_cpu() -> bool:
+    """Whether tinygrad's CL device is an OpenCL implementation running on the CPU (PoCL)."""
+    try:
+        import ctypes
+
+        from tinygrad import Device
+        from tinygrad.runtime.autogen import opencl as cl
+
+        kind = ctypes.c_uint64()
+        cl.clGetDeviceInfo(Device["CL"].cl_dev, cl.CL_DEVICE_TYPE, 8, ctypes.byref(kind), None)
+        return kind.value == cl.CL_DEVICE_TYPE_CPU
+    except Exception:
+        return False
 
 
 def available_devices() -> list[str]:
-    from tinygrad import Device
+    """The devices that open on this machine, best first (see the module docstring)."""
+    works = [d for d in ORDER if opens(d)]
+    if "CL" in works and "CPU" in works and cl_is_cpu():
+        works.remove("CL")
+        works.append("CL")
+    return works
 
-    return list(dict.fromkeys(d.split(":")[0] for d in Device.get_available_devices()))
+
+def default_device() -> str:
+    dev = os.environ.get("DEV", "").strip()
+    if dev:
+        return dev.split(":")[0]  # a renderer choice such as DEV=CPU:LLVM stays in the environment
+    works = available_devices()
+    if not works:
+        hint = "; its CPU device needs clang: sudo apt-get install clang" if clang_missing() else ""
+        raise ShvitError(f"tinygrad found no usable device on this machine{hint}")
+    return works[0]
 
 
 def resolve_device(name: str | None) -> str:
     """A device string tinygrad accepts, opened and ready; ``ShvitError`` naming what works otherwise."""
-    from tinygrad import Device
-
     if name is None:
-        try:
-            name = Device.DEFAULT
-        except RuntimeError:
-            raise ShvitError("tinygrad found no usable device on this machine") from None
+        name = default_device()
     base = name.upper().split(":")[0]
     base = ALIASES.get(base, base)
     full = base + name[len(name.split(":")[0]):]
     if base not in KNOWN:
-        works = ", ".join(available_devices())
+        works = ", ".join(available_devices()) or "none"
         raise ShvitError(f"unknown device {name!r}; tinygrad's devices are {', '.join(KNOWN)} (working here: {works})")
-    if base == "CPU" and not shutil.which("clang") and not os.environ.get("CPU_LLVM"):
-        raise ShvitError("tinygrad's CPU device needs clang: install it with `sudo apt-get install clang` (or `brew install llvm`)")
-    try:
-        Device[full]
-    except Exception:
+    if base == "CPU" and clang_missing():
+        raise ShvitError("tinygrad's CPU device needs clang: install it with `sudo apt-get install clang` "
+                         "(macOS: `xcode-select --install`), or choose another --device")
+    if not opens(full):
         works = ", ".join(d for d in available_devices() if d != base) or "none"
-        raise ShvitError(f"device {base} is not available on this machine; available: {works}") from None
+        raise ShvitError(f"device {base} is not available on this machine; available: {works}")
     return full

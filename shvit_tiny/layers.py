@@ -1,14 +1,40 @@
 """SHViT's building blocks in tinygrad, named as in the spec, shvit_torch/layers.py and
-shvit_numpy/layers.py (diff this file against that one: the math is the same).
+shvit_numpy/layers.py (diff this file against that one: the math and the layout are the same).
 
-Layout: NCHW, as tinygrad's ``conv2d``. Everything is lazy: a call builds a graph that
-tinygrad fuses into kernels and compiles for the tensor's device (CPU, CL, METAL, CUDA, ...)
-when the result is realised. ``fuse()`` folds BatchNorm into the convolution before it.
+Layout: channels-last inside, (B, H, W, C), as shvit_numpy. A 1x1 convolution is then ONE
+matrix product over contiguous channels, (B*H*W, C_in) @ (C_in, C_out), the form tinygrad's
+code generator turns into its best kernels (NCHW 1x1 convolutions on the 7x7 and 4x4 maps of
+stages 2 and 3 ran 3-5x slower on the CPU device: a pixel axis of 49 or 16 does not vectorise).
+A layer called on its own, from outside the model, takes and returns NCHW like its torch twin:
+``Module.__call__`` converts at that edge only (see ``channels_last``).
+
+Everything is lazy: a call builds a graph that tinygrad fuses into kernels and compiles for the
+tensor's device (CPU, CL, METAL, CUDA, ...) when the result is realised. Weights keep PyTorch's
+layout and names ((C_out, C_in/groups, k, k)); ``prepare()`` caches each in the layout its
+product reads, and ``fuse()`` folds BatchNorm into the convolution before it.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import functools
+
 import numpy as np
-from tinygrad import Tensor
+from tinygrad import Tensor, UOp, dtypes
+from tinygrad.codegen.opt import Opt, OptOps
+from tinygrad.uop.ops import AxisType, KernelInfo
+
+_CHANNELS_LAST = contextvars.ContextVar("shvit_tiny_channels_last", default=False)
+
+
+@contextlib.contextmanager
+def channels_last():
+    """Inside this block, layers take and return (B, H, W, C): the model's own forward pass."""
+    token = _CHANNELS_LAST.set(True)
+    try:
+        yield
+    finally:
+        _CHANNELS_LAST.reset(token)
 
 
 class Module:
@@ -18,6 +44,14 @@ class Module:
         for name, value in vars(self).items():
             if isinstance(value, Module) or (isinstance(value, list) and value and isinstance(value[0], Module)):
                 yield name, value
+
+    def __call__(self, x: Tensor, **fused) -> Tensor:
+        """``forward`` on channels-last maps inside the model; NCHW in and out when called alone.
+        ``fused``: an activation or residual the layer's last product applies (``epilogue``)."""
+        if x.ndim != 4 or _CHANNELS_LAST.get():
+            return self.forward(x, **fused)
+        with channels_last():
+            return self.forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
 
 def fuse(module):
@@ -29,9 +63,172 @@ def fuse(module):
     return module
 
 
-def per_channel(v: Tensor) -> Tensor:
-    """(C,) -> (1, C, 1, 1), to broadcast over NCHW."""
-    return v.reshape(1, -1, 1, 1)
+def prepare(module) -> None:
+    """Cache, once, every weight in the layout its product reads (lazily: ``tensors`` collects
+    them all for ONE realisation, so the fold, cast and layout kernels are scheduled together)."""
+    if hasattr(module, "prepare"):
+        module.prepare()
+    for _, child in module.children():
+        for c in child if isinstance(child, list) else [child]:
+            prepare(c)
+
+
+def tensors(module) -> list[Tensor]:
+    """Every tensor held by the layer tree: weights, biases, BatchNorm statistics, cached layouts."""
+    out = [v for v in vars(module).values() if isinstance(v, Tensor)]
+    for _, child in module.children():
+        for c in child if isinstance(child, list) else [child]:
+            out += tensors(c)
+    return out
+
+
+# ---- elementary operations ---------------------------------------------------------------------
+
+def taps(x: Tensor, k: int, stride: int, padding: int):
+    """The k*k shifted (and strided) views of a zero-padded map, (B, H, W, C) -> each
+    (B, H', W', C), in (ky, kx) order: a k x k convolution is a weighted sum of them."""
+    B, H, W, C = x.shape
+    Ho, Wo = (H + 2 * padding - k) // stride + 1, (W + 2 * padding - k) // stride + 1
+    xp = x.pad(((0, 0), (padding, padding), (padding, padding), (0, 0))) if padding else x
+    return [xp[:, i:i + stride * (Ho - 1) + 1:stride, j:j + stride * (Wo - 1) + 1:stride, :] for i in range(k) for j in range(k)]
+
+
+# ---- the CPU's dense products -------------------------------------------------------------------
+# tinygrad's own kernel heuristic tiles a product 4 x 4 (SSE-width float4 vectors) and reaches
+# about 30 GFLOPS on one core. These two custom kernels state the same sums in tinygrad's UOp
+# language with a wider register tile (16 output channels, one AVX-512 vector, by 4 rows) and run
+# at 50-60: they are what makes the CPU device about twice as fast. Other devices (GPUs, OpenCL)
+# and float16 keep tinygrad's generic ops, which it tiles for that device itself.
+
+def use_cpu_kernels(*ts: Tensor) -> bool:
+    return all(t.device == "CPU" and t.dtype == dtypes.float32 for t in ts)
+
+
+def kernel_epilogue(y: UOp, relu: bool, residual: UOp | None) -> UOp:
+    """What the layer after a product would do, done on its result while in registers."""
+    y = y.maximum(0.0) if relu else y
+    return y if residual is None else y + residual
+
+
+def epilogue(y: Tensor, relu: bool = False, residual: Tensor | None = None) -> Tensor:
+    """The same on a lazy tensor (tinygrad fuses it into the kernel that makes y)."""
+    y = y.relu() if relu else y
+    return y if residual is None else y + residual
+
+
+def tile(size: int, choices=(4, 2, 1)) -> int:
+    """The largest register-tile length in ``choices`` that divides ``size``."""
+    return next(t for t in choices if size % t == 0)
+
+
+def upcasts(sizes: tuple[int, ...], *range_amount) -> tuple:
+    """UPCAST opts for (range number, amount) pairs. tinygrad drops ranges of size 1 before it
+    applies opts, so a range's axis is the number of larger ranges before it."""
+    return tuple(Opt(OptOps.UPCAST, sum(s > 1 for s in sizes[:r]), amount) for r, amount in range_amount if amount > 1)
+
+
+def gemm_kernel(C: UOp, A: UOp, B: UOp, bias: UOp, *res: UOp, relu: bool = False) -> UOp:
+    """C = A @ B + bias, (M, K) @ (K, N) + (N,), then ReLU and + res[0] (M, N) if asked;
+    tiled 4 rows x 16 columns where they divide."""
+    M, N = C.shape
+    i, j, k = UOp.range(M, 0), UOp.range(N, 1), UOp.range(A.shape[1], 2, axis_type=AxisType.REDUCE)
+    C = C[i, j].set(0.0)
+    C = C[i, j].set(C.after(k)[i, j] + A[i, k] * B[k, j], end=k)  # the sum over K, in registers
+    C = C[i, j].set(kernel_epilogue(C[i, j] + bias[j], relu, res[0][i, j] if res else None))
+    opts = upcasts((M, N), (1, tile(N, (16, 8, 4, 2, 1))), (0, tile(M)))
+    return C.end(i, j).sink(arg=KernelInfo(name=f"gemm_{M}_{N}_{A.shape[1]}", opts_to_apply=opts))
+
+
+def padded_load(X: UOp, b: UOp, iy: UOp, ix: UOp, c: UOp) -> UOp:
+    """X[b, iy, ix, c] of a map zero-padded on the fly: outside it the load is skipped and 0 is
+    read (a gated load), so no padded copy of the map is ever written."""
+    H, W = X.shape[1], X.shape[2]
+    return ((iy >= 0) & (iy < H) & (ix >= 0) & (ix < W)).where(X[b, iy, ix, c], 0.0)
+
+
+def conv_kernel(O: UOp, X: UOp, Wm: UOp, bias: UOp, k: int, stride: int, padding: int, relu: bool = False) -> UOp:
+    """A dense k x k convolution read straight from the map (no im2col copy):
+    O[b, y, x, n] = bias[n] + sum over (ky, kx, c) of X[b, s*y + ky - p, s*x + kx - p, c] * Wm[(ky*k + kx)*C + c, n],
+    with O (B, H', W', N), X (B, H, W, C), Wm (k*k*C, N); tiled 4 output pixels x 16 channels."""
+    B, Ho, Wo, N = O.shape
+    C = X.shape[3]
+    b, y, x, n = (UOp.range(size, axis) for axis, size in enumerate((B, Ho, Wo, N)))
+    ky, kx, c = (UOp.range(size, axis, axis_type=AxisType.REDUCE) for axis, size in ((4, k), (5, k), (6, C)))
+    tap = padded_load(X, b, stride * y + ky - padding, stride * x + kx - padding, c)
+    O = O[b, y, x, n].set(0.0)
+    O = O[b, y, x, n].set(O.after(ky, kx, c)[b, y, x, n] + tap * Wm[(ky * k + kx) * C + c, n], end=(ky, kx, c))
+    O = O[b, y, x, n].set(kernel_epilogue(O[b, y, x, n] + bias[n], relu, None))
+    tx = tile(Wo)
+    opts = upcasts((B, Ho, Wo, N), (3, tile(N, (16, 8, 4, 2, 1))), (2, tx), (1, tile(Ho, (4 // tx, 1))))  # 4 pixels: 4 x 1 or 2 x 2
+    return O.end(b, y, x, n).sink(arg=KernelInfo(name=f"conv{k}s{stride}_{Ho}_{Wo}_{N}_{C}", opts_to_apply=opts))
+
+
+def depthwise_kernel(O: UOp, X: UOp, Wt: UOp, bias: UOp, k: int, stride: int, padding: int, relu: bool = False) -> UOp:
+    """A depthwise k x k convolution, its k*k taps written out (no loop):
+    O[b, y, x, c] = bias[c] + sum over (ky, kx) of X[b, s*y + ky - p, s*x + kx - p, c] * Wt[ky*k + kx, c];
+    tiled over 16 channels (the generic form unrolled whole 7x7 maps, channel by channel)."""
+    B, Ho, Wo, C = O.shape
+    b, y, x, c = (UOp.range(size, axis) for axis, size in enumerate((B, Ho, Wo, C)))
+    acc = bias[c]
+    for ky in range(k):
+        for kx in range(k):
+            acc = acc + padded_load(X, b, stride * y + (ky - padding), stride * x + (kx - padding), c) * Wt[ky * k + kx, c]
+    opts = upcasts((B, Ho, Wo, C), (3, tile(C, (16, 8, 4, 2, 1))))
+    out = O[b, y, x, c].store(kernel_epilogue(acc, relu, None))
+    return out.end(b, y, x, c).sink(arg=KernelInfo(name=f"dw{k}s{stride}_{Ho}_{Wo}_{C}", opts_to_apply=opts))
+
+
+def bias_or_zeros(bias: Tensor | None, n: int, like: Tensor) -> Tensor:
+    return bias if bias is not None else Tensor.zeros(n, device=like.device, dtype=like.dtype).contiguous()
+
+
+def matmul_bias(x: Tensor, w: Tensor, bias: Tensor | None, relu: bool = False, residual: Tensor | None = None) -> Tensor:
+    """(M, K) @ (K, N) (+ bias), then ReLU and + residual (M, N) if asked."""
+    if not use_cpu_kernels(x, w):
+        return epilogue(x @ w if bias is None else x @ w + bias, relu, residual)
+    out = Tensor.empty(x.shape[0], w.shape[1], device=x.device, dtype=x.dtype)
+    res = () if residual is None else (residual,)
+    fxn = functools.partial(gemm_kernel, relu=relu)
+    return out.custom_kernel(x, w, bias_or_zeros(bias, w.shape[1], x), *res, fxn=fxn)[0]
+
+
+def conv_dense(x: Tensor, w_mat: Tensor, bias: Tensor | None, k: int, stride: int, padding: int,
+               relu: bool = False, residual: Tensor | None = None) -> Tensor:
+    """Dense convolution, (B, H, W, C_in) -> (B, H', W', C_out), as a matrix product with
+    ``w_mat`` (k*k*C_in, C_out): a 1x1 convolution is one product over all pixels, (B*H*W, C_in)
+    @ (C_in, C_out). A k x k one is the CPU kernel above, or elsewhere an im2col matrix (made
+    contiguous: a product that gathered its windows in its inner loop ran 3x slower) times w_mat.
+    """
+    B, H, W, C = x.shape
+    if k == 1 and stride == 1 and padding == 0:  # pixels as ONE row axis
+        res = None if residual is None else residual.reshape(B * H * W, -1)
+        return matmul_bias(x.reshape(B * H * W, C), w_mat, bias, relu, res).reshape(B, H, W, -1)
+    Ho, Wo = (H + 2 * padding - k) // stride + 1, (W + 2 * padding - k) // stride + 1
+    if use_cpu_kernels(x, w_mat):
+        out = Tensor.empty(B, Ho, Wo, w_mat.shape[1], device=x.device, dtype=x.dtype)
+        fxn = functools.partial(conv_kernel, k=k, stride=stride, padding=padding, relu=relu)
+        return epilogue(out.custom_kernel(x, w_mat, bias_or_zeros(bias, w_mat.shape[1], x), fxn=fxn)[0], False, residual)
+    cols = Tensor.cat(*taps(x.contiguous(), k, stride, padding), dim=-1).contiguous()  # (B, H', W', k*k*C_in), (ky, kx, c) order
+    return epilogue(matmul_bias(cols.reshape(B * Ho * Wo, k * k * C), w_mat, bias).reshape(B, Ho, Wo, -1), relu, residual)
+
+
+def conv_depthwise(x: Tensor, w_taps: Tensor, bias: Tensor | None, k: int, stride: int, padding: int,
+                   relu: bool = False, residual: Tensor | None = None) -> Tensor:
+    """Depthwise convolution: each channel its own k x k filter, a sum of k*k shifted maps
+    scaled per channel (one element-wise kernel); ``w_taps`` is (k*k, C). Realised."""
+    B, H, W, C = x.shape
+    if use_cpu_kernels(x, w_taps):
+        Ho, Wo = (H + 2 * padding - k) // stride + 1, (W + 2 * padding - k) // stride + 1
+        out = Tensor.empty(B, Ho, Wo, C, device=x.device, dtype=x.dtype)
+        fxn = functools.partial(depthwise_kernel, k=k, stride=stride, padding=padding, relu=relu)
+        return epilogue(out.custom_kernel(x, w_taps, bias_or_zeros(bias, C, x), fxn=fxn)[0], False, residual)
+    out = None
+    x = x.contiguous()  # realised unpadded: else tinygrad writes the producer straight into a padded buffer
+    for t, tap in enumerate(taps(x, k, stride, padding)):  # (B, H', W', C) each
+        out = tap * w_taps[t] if out is None else out + tap * w_taps[t]
+    # realised here: tinygrad would otherwise fuse these nine taps into the next matrix
+    # product and recompute them for every output channel (10x slower)
+    return epilogue(out if bias is None else out + bias, relu, residual).contiguous()
 
 
 # ---- layers with weights -----------------------------------------------------------------------
@@ -43,13 +240,28 @@ class Conv2d(Module):
         self.stride, self.padding, self.groups = stride, padding, groups
         self.weight = Tensor.zeros(cout, cin // groups, k, k)
         self.bias = Tensor.zeros(cout) if bias else None
+        self.w_mat = None  # the weight as forward() multiplies by it, cached by prepare()
 
-    def __call__(self, x):  # (B, C_in, H, W) -> (B, C_out, H', W')
-        return x.conv2d(self.weight, self.bias, groups=self.groups, stride=self.stride, padding=self.padding)
+    def matrix(self) -> Tensor:
+        """Dense: (k*k*C_in, C_out), rows in (ky, kx, c) order; depthwise: (k*k, C)."""
+        cout, cin_g, k, _ = self.weight.shape
+        if self.groups == 1:
+            return self.weight.permute(2, 3, 1, 0).reshape(k * k * cin_g, cout)
+        if cin_g != 1 or self.groups != cout:
+            raise NotImplementedError("grouped convolutions other than depthwise (SHViT has none)")
+        return self.weight.reshape(cout, k * k).T
+
+    def prepare(self):
+        self.w_mat = self.matrix().contiguous()
+
+    def forward(self, x, relu=False, residual=None):  # (B, H, W, C_in) -> (B, H', W', C_out)
+        w = self.w_mat if self.w_mat is not None else self.matrix()
+        conv = conv_dense if self.groups == 1 else conv_depthwise
+        return conv(x, w, self.bias, self.weight.shape[-1], self.stride, self.padding, relu, residual)
 
 
 class BatchNorm2d(Module):
-    """Inference BatchNorm: y = (x - mean) * g / sqrt(var + eps) + beta, per channel."""
+    """Inference BatchNorm: y = (x - mean) * g / sqrt(var + eps) + beta, per channel (last axis)."""
 
     def __init__(self, c, eps=1e-5):
         self.weight, self.bias = Tensor.ones(c), Tensor.zeros(c)
@@ -61,9 +273,9 @@ class BatchNorm2d(Module):
         scale = self.weight * (self.running_var + self.eps).rsqrt()
         return scale, self.bias - self.running_mean * scale
 
-    def __call__(self, x):
+    def forward(self, x):  # (..., C): channels are the last axis of (B, H, W, C) and of (B, C)
         scale, shift = self.scale_shift()
-        return x * per_channel(scale) + per_channel(shift) if x.ndim == 4 else x * scale + shift
+        return x * scale + shift
 
 
 BatchNorm1d = BatchNorm2d  # the same per-channel map on (B, C)
@@ -76,32 +288,33 @@ class ConvBN(Module):
         self.c = Conv2d(cin, cout, k, stride, padding, groups)
         self.bn = BatchNorm2d(cout)
 
-    def __call__(self, x):
-        return self.bn(self.c(x))
+    def forward(self, x, relu=False, residual=None):
+        return epilogue(self.bn(self.c(x)), relu, residual)
 
     def fuse(self) -> Conv2d:
         """BN(conv(x)) = scale * (w * x) + shift = (scale * w) * x + shift, per output channel:
         w' = w * g / sqrt(var + eps),  b' = beta - mean * g / sqrt(var + eps)."""
         scale, shift = self.bn.scale_shift()
         conv = Conv2d(1, 1, stride=self.c.stride, padding=self.c.padding, groups=self.c.groups, bias=True)
-        conv.weight = (self.c.weight * scale.reshape(-1, 1, 1, 1)).realize()
-        conv.bias = shift.realize()
+        conv.weight = self.c.weight * scale.reshape(-1, 1, 1, 1)
+        conv.bias = shift
         return conv
 
 
 class ReLU(Module):
-    def __call__(self, x):
+    def forward(self, x):
         return x.relu()
 
 
 class Residual(Module):
-    """x + m(x)."""
+    """x + m(x). The addition is handed to m: its last product adds x to its result while that is
+    still in registers (on the CPU device), rather than in another pass over memory."""
 
     def __init__(self, m):
         self.m = m
 
-    def __call__(self, x):
-        return x + self.m(x)
+    def forward(self, x):
+        return self.m(x, residual=x)
 
     def fuse(self):
         """x + dwconv(x) is one depthwise conv: the identity is a kernel with 1 at its centre tap."""
@@ -110,7 +323,7 @@ class Residual(Module):
             C, _, k, _ = conv.weight.shape
             centre = np.zeros((C, 1, k, k), np.float32)
             centre[:, 0, k // 2, k // 2] = 1.0
-            conv.weight = (conv.weight + Tensor(centre, device=conv.weight.device, dtype=conv.weight.dtype)).realize()
+            conv.weight = conv.weight + Tensor(centre, device=conv.weight.device, dtype=conv.weight.dtype)
             return conv
         self.m = fuse(self.m)
         return self
@@ -122,23 +335,23 @@ class FFN(Module):
     def __init__(self, c, hidden):
         self.pw1, self.pw2 = ConvBN(c, hidden), ConvBN(hidden, c)
 
-    def __call__(self, x):
-        return self.pw2(self.pw1(x).relu())
+    def forward(self, x, residual=None):
+        return self.pw2(self.pw1(x, relu=True), residual=residual)
 
 
 class GroupNorm(Module):
-    """GroupNorm with ONE group: normalise each sample over all of (C, H, W), then a per-channel
+    """GroupNorm with ONE group: normalise each sample over all of (H, W, C), then a per-channel
     affine. Computed in float32 even when the model runs in float16."""
 
     def __init__(self, c, eps=1e-5):
         self.weight, self.bias, self.eps = Tensor.ones(c), Tensor.zeros(c), eps
 
-    def __call__(self, x):  # (B, C, H, W)
+    def forward(self, x):  # (B, H, W, C)
         h = x.float()
         mean = h.mean(axis=(1, 2, 3), keepdim=True)
         var = ((h - mean) ** 2).mean(axis=(1, 2, 3), keepdim=True)  # biased, as torch
         h = (h - mean) * (var + self.eps).rsqrt()
-        return (h * per_channel(self.weight.float()) + per_channel(self.bias.float())).cast(x.dtype)
+        return (h * self.weight.float() + self.bias.float()).cast(x.dtype)
 
 
 class SingleHeadAttention(Module):
@@ -156,22 +369,23 @@ class SingleHeadAttention(Module):
         self.proj = [ReLU(), ConvBN(dim, dim)]
 
     def attention(self, x):
-        """(B, C, H, W) -> attended x1 (B, pdim, H, W), untouched x2 (B, C - pdim, H, W), attn (B, N, N)."""
-        B, C, H, W = x.shape
-        x1, x2 = x[:, :self.pdim], x[:, self.pdim:]
-        qkv = self.qkv(self.pre_norm(x1)).reshape(B, -1, H * W)  # (B, 2qk + pdim, N): tokens are pixels
+        """(B, H, W, C) -> attended x1 (B, H, W, pdim), untouched x2 (B, H, W, C - pdim), attn (B, N, N)."""
+        B, H, W, C = x.shape
+        x1, x2 = x[..., :self.pdim], x[..., self.pdim:]
+        qkv = self.qkv(self.pre_norm(x1)).reshape(B, H * W, -1).transpose(1, 2)  # (B, 2qk + pdim, N): tokens are pixels
         q, k, v = qkv[:, :self.qk_dim], qkv[:, self.qk_dim:2 * self.qk_dim], qkv[:, 2 * self.qk_dim:]
         scores = (q.transpose(1, 2) @ k).float() * self.scale  # (B, N, N), float32 even in half mode
-        attn = scores.softmax(-1).cast(x.dtype)  # rows are queries, sum to 1
-        x1 = (v @ attn.transpose(1, 2)).reshape(B, self.pdim, H, W)  # each query's weighted mean of the values
+        attn = scores.softmax(-1).cast(x.dtype).contiguous()  # rows are queries, sum to 1; realised once (else
+        # tinygrad recomputes the exponentials inside the next product, once per value channel)
+        x1 = (attn @ v.transpose(1, 2)).reshape(B, H, W, self.pdim).contiguous()  # each query's weighted mean of
+        # the values; realised, else the concatenation below runs this product for all C channels
         return x1, x2, attn
 
-    def __call__(self, x):
+    def forward(self, x, residual=None):
         x1, x2, _ = self.attention(x)
-        y = x1.cat(x2, dim=1) if x2.shape[1] else x1  # (B, C, H, W)
-        for layer in self.proj:  # ReLU, then 1x1 ConvBN C -> C
-            y = layer(y)
-        return y
+        y = x1.cat(x2, dim=-1) if x2.shape[-1] else x1  # (B, H, W, C)
+        relu, conv = self.proj  # ReLU, then 1x1 ConvBN C -> C
+        return conv(relu(y), residual=residual)
 
 
 class SqueezeExcite(Module):
@@ -180,9 +394,10 @@ class SqueezeExcite(Module):
     def __init__(self, ch, rd):
         self.fc1, self.fc2 = Conv2d(ch, rd, bias=True), Conv2d(rd, ch, bias=True)
 
-    def __call__(self, x):  # (B, C, H, W)
-        s = x.mean(axis=(2, 3), keepdim=True)  # (B, C, 1, 1)
-        return x * self.fc2(self.fc1(s).relu()).sigmoid()
+    def forward(self, x):  # (B, H, W, C)
+        s = x.mean(axis=(1, 2), keepdim=True)  # (B, 1, 1, C)
+        # realised: fused into the next product, the per-image gate made it 4x slower
+        return (x * self.fc2(self.fc1(s).relu()).sigmoid()).contiguous()
 
 
 class PatchMerging(Module):
@@ -195,9 +410,9 @@ class PatchMerging(Module):
         self.se = SqueezeExcite(hid, rd)
         self.conv3 = ConvBN(hid, out_dim)
 
-    def __call__(self, x):
-        x = self.conv1(x).relu()
-        x = self.conv2(x).relu()
+    def forward(self, x):
+        x = self.conv1(x, relu=True)
+        x = self.conv2(x, relu=True)
         return self.conv3(self.se(x))
 
 
@@ -209,7 +424,7 @@ class BasicBlock(Module):
         self.mixer = Residual(SingleHeadAttention(dim, qk_dim, pdim)) if kind == "s" else None
         self.ffn = Residual(FFN(dim, 2 * dim))
 
-    def __call__(self, x):
+    def forward(self, x):
         x = self.conv(x)
         if self.mixer is not None:
             x = self.mixer(x)
@@ -222,7 +437,7 @@ class Stage(Module):
     def __init__(self, downsample, blocks):
         self.downsample, self.blocks = downsample, blocks
 
-    def __call__(self, x):
+    def forward(self, x):
         for layer in (self.downsample or []) + self.blocks:
             x = layer(x)
         return x
@@ -231,9 +446,13 @@ class Stage(Module):
 class Linear(Module):
     def __init__(self, cin, cout):
         self.weight, self.bias = Tensor.zeros(cout, cin), Tensor.zeros(cout)
+        self.w_mat = None  # weight.T, cached by prepare()
 
-    def __call__(self, x):  # (B, C_in) -> (B, C_out)
-        return x @ self.weight.T + self.bias
+    def prepare(self):
+        self.w_mat = self.weight.T.contiguous()
+
+    def forward(self, x):  # (B, C_in) -> (B, C_out)
+        return x @ (self.w_mat if self.w_mat is not None else self.weight.T) + self.bias
 
 
 class NormLinear(Module):
@@ -242,14 +461,13 @@ class NormLinear(Module):
     def __init__(self, cin, cout):
         self.bn, self.l = BatchNorm1d(cin), Linear(cin, cout)
 
-    def __call__(self, x):
+    def forward(self, x):
         return self.l(self.bn(x))
 
     def fuse(self) -> Linear:
         """W (x * s + t) + b = (W * s) x + (W t + b), with s, t the BatchNorm's scale and shift."""
         scale, shift = self.bn.scale_shift()
         lin = Linear(1, 1)
-        lin.weight = (self.l.weight * scale.reshape(1, -1)).realize()
-        lin.bias = (self.l.weight @ shift + self.l.bias).realize()
+        lin.weight = self.l.weight * scale.reshape(1, -1)
+        lin.bias = self.l.weight @ shift + self.l.bias
         return lin
-

@@ -20,7 +20,8 @@ from shvit_numpy.errors import ShvitError
 from shvit_numpy.names import authors_to_canonical, check_state, detect_format, infer_config, state_shapes
 from shvit_numpy.weights import read_safetensors
 
-from .layers import FFN, BasicBlock, ConvBN, Module, NormLinear, PatchMerging, ReLU, Residual, Stage, fuse
+from .layers import FFN, BasicBlock, ConvBN, Module, NormLinear, PatchMerging, ReLU, Residual, Stage, channels_last, fuse, tensors
+from .layers import prepare as prepare_tree
 
 
 def downsample(dim: int, out_dim: int) -> list:
@@ -76,6 +77,21 @@ class SHViT(Module):
         """Fold every BatchNorm into the layer before it, in place (see ConvBN.fuse)."""
         for name, child in list(self.children()):
             setattr(self, name, [fuse(c) for c in child] if isinstance(child, list) else fuse(child))
+        self._jits.clear()
+        return self
+
+    def realize(self) -> SHViT:
+        """Compute every weight the model holds (read, folded, cast, laid out) in one schedule."""
+        Tensor.realize(*tensors(self))
+        return self
+
+    def prepare(self) -> SHViT:
+        """Cache every convolution's weight in the layout its product reads (see Conv2d.matrix):
+        done once here rather than re-read with strides in every call."""
+        for _, child in self.children():
+            for c in child if isinstance(child, list) else [child]:
+                prepare_tree(c)
+        self._jits.clear()
         return self
 
     def half(self) -> SHViT:
@@ -83,29 +99,30 @@ class SHViT(Module):
         for _, child in list(self.children()):
             _cast_tree(child, dtypes.float16)
         self.dtype = dtypes.float16
+        self._jits.clear()
         return self
 
     # -- forward ------------------------------------------------------------------------------------
     def forward_features(self, x: Tensor) -> Tensor:
-        """(B, 3, H, W) -> last stage's map (B, C3, ceil(H/64), ceil(W/64))."""
-        for layer in self.patch_embed:
-            x = layer(x)
-        for stage in self.stages:
-            x = stage(x)
-        return x
+        """(B, 3, H, W) -> last stage's map, channels-last: (B, ceil(H/64), ceil(W/64), C3)."""
+        return self.forward_intermediates(x, channels_first=False)[-1]
 
-    def forward_intermediates(self, x: Tensor) -> list[Tensor]:
-        """The three stage outputs, at strides 16, 32 and 64."""
-        for layer in self.patch_embed:
-            x = layer(x)
+    def forward_intermediates(self, x: Tensor, channels_first: bool = True) -> list[Tensor]:
+        """(B, 3, H, W) -> the three stage outputs, at strides 16, 32 and 64 (NCHW, as torch's)."""
         outs = []
-        for stage in self.stages:
-            x = stage(x)
-            outs.append(x)
+        with channels_last():
+            x = x.permute(0, 2, 3, 1)  # the one layout change: (B, H, W, 3)
+            for conv, act in zip(self.patch_embed[::2], self.patch_embed[1::2] + [None]):  # ConvBN, ReLU, ..., ConvBN
+                x = conv(x, relu=act is not None)  # the ReLU applied in the convolution's last step
+            for stage in self.stages:
+                x = stage(x)
+                outs.append(x.permute(0, 3, 1, 2) if channels_first else x)
         return outs
 
     def forward_head(self, x: Tensor) -> Tensor:
-        pooled = x.mean(axis=(2, 3))  # global average pool: (B, C3)
+        """Channels-last (B, H, W, C3) -> (B, classes)."""
+        pooled = x.contiguous().mean(axis=(1, 2))  # global average pool of (B, H, W, C3): (B, C3); the
+        # map is realised first, else tinygrad folds the last product into the pooling reduce (4x slower)
         y = self.head(pooled)
         if self.head_dist is not None:  # distilled: the mean of both heads at inference
             y = (y + self.head_dist(pooled)) / 2
@@ -138,7 +155,7 @@ def _cast_tree(module, dtype):
         return
     for name, value in list(vars(module).items()):
         if isinstance(value, Tensor):
-            setattr(module, name, value.cast(dtype).realize())
+            setattr(module, name, value.cast(dtype))
         elif isinstance(value, Module) or (isinstance(value, list) and value and isinstance(value[0], Module)):
             _cast_tree(value, dtype)
 
@@ -163,7 +180,7 @@ def read_state(path: Path, device: str) -> tuple[SHViTConfig, dict[str, Tensor],
     check_state(state, cfg)
     labels = json.loads(meta["shvit_labels"]) if "shvit_labels" in meta else None
     resolution = int(meta["shvit_resolution"]) if "shvit_resolution" in meta else None
-    state = {k: v.to(device).cast(dtypes.float32).contiguous().realize() for k, v in state.items()}
+    state = {k: v.to(device).cast(dtypes.float32) for k, v in state.items()}  # lazy: load() realises all at once
     return cfg, state, labels, resolution
 
 
@@ -185,4 +202,4 @@ def load(path, device: str | None = None, half: bool = False, fold: bool = True)
         model.fuse()
     if half:
         model.half()
-    return model
+    return model.prepare().realize()

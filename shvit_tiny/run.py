@@ -44,7 +44,7 @@ def timed_predict(model, bench: int):
 def load_runtime(path, args) -> cli.Loaded:
     from .model import load
 
-    if args.bench < 0 or args.beam < 0:
+    if args.bench < 0 or (args.beam or 0) < 0:
         raise ShvitError("--bench and --beam take a count >= 0")
     model = load(path, device=args.device, half=args.half)
     return cli.Loaded(timed_predict(model, args.bench), model.config, model.labels, model.resolution)
@@ -55,14 +55,15 @@ def main(argv=None) -> int:
                              device_help="tinygrad device: CPU, CL, METAL, CUDA, AMD, ... (default: the best available)")
     parser.add_argument("--half", action="store_true", help="float16 weights and activations (softmax, GroupNorm in float32)")
     parser.add_argument("--bench", type=int, default=0, metavar="N", help="after warm-up, time N batches and report images/s")
-    parser.add_argument("--beam", type=int, default=0, metavar="N", help="tinygrad BEAM search width for faster kernels")
+    parser.add_argument("--beam", type=int, metavar="N",
+                        help="tinygrad's kernel search (BEAM=N): a slow first run, then faster kernels, cached on disk")
     args = parser.parse_args(argv)
     try:
         from tinygrad import Context
     except ImportError:
         print(f"{PROG}: error: tinygrad is not installed: pip install tinygrad==0.14.0", file=sys.stderr)
         return 2
-    with Context(BEAM=args.beam):
+    with Context(**({"BEAM": args.beam} if args.beam and args.beam > 0 else {})):
         return cli.main(PROG, load_runtime, parser, argv)
 
 
