@@ -199,16 +199,34 @@ def worker_env(threads: int) -> dict:
     return env
 
 
+class Stopped(Exception):
+    """The run was interrupted (Ctrl-C, or a worker killed); ``partial`` holds what the worker saved."""
+
+    def __init__(self, partial: dict | None):
+        super().__init__("interrupted")
+        self.partial = partial
+
+
+def read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def run_worker(spec: dict, workdir: Path, name: str, threads: int) -> dict | None:
     spec_path, out_path = workdir / f"{name}.spec.json", workdir / f"{name}.out.json"
     spec_path.write_text(json.dumps(spec))
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.worker", str(spec_path), str(out_path)],
-                          env=worker_env(threads), cwd=ROOT)
-    if -proc.returncode in (signal.SIGINT, signal.SIGTERM, signal.SIGKILL):  # stopped by someone: stop everything
-        raise KeyboardInterrupt
-    if proc.returncode != 0 or not out_path.is_file():
+    try:
+        proc = subprocess.run([sys.executable, "-m", "benchmarks.worker", str(spec_path), str(out_path)],
+                              env=worker_env(threads), cwd=ROOT)
+    except KeyboardInterrupt:
+        raise Stopped(read_json(out_path)) from None
+    if proc.returncode == 130 or -proc.returncode in (signal.SIGINT, signal.SIGTERM, signal.SIGKILL):  # stopped by someone
+        raise Stopped(read_json(out_path))
+    if proc.returncode != 0:
         return None
-    return json.loads(out_path.read_text())
+    return read_json(out_path)
 
 
 def speed_runs(p: dict, files: dict, workdir: Path) -> tuple[list, list]:
@@ -220,7 +238,11 @@ def speed_runs(p: dict, files: dict, workdir: Path) -> tuple[list, list]:
         cells = [cell(p, files, v) for v in p["variants"]]
         spec = {"mode": "speed", "threads": threads, "label": label, "cpus": p["cpus"][:threads], "device": p["device"],
                 "half": p["half"], "cells": cells, "rounds": p["rounds"], "warmup": p["warmup"], "min_round_s": p["min_round_s"]}
-        out = run_worker(spec, workdir, f"speed{threads}", threads)
+        try:
+            out = run_worker(spec, workdir, f"speed{threads}", threads)
+        except Stopped as stop:  # keep what the stopped worker measured, then stop
+            part = stop.partial or {"speed": [], "skipped": []}
+            raise Stopped({"speed": rows + part["speed"], "skipped": skipped + part["skipped"]}) from None
         if out is None:
             skipped.append({"runtime": p["keys"][0], "where": label, "reason": "the worker process failed (see the log above)"})
             continue
@@ -283,8 +305,16 @@ def run(p: dict) -> dict:
     try:
         print(f"preparing {', '.join(p['variants'])} (random weights{', ONNX export' if 'ort' in p['keys'] else ''})", file=sys.stderr)
         files = prepare_models(p, workdir)
-        speed, skipped = speed_runs(p, files, workdir)
-        memory = memory_runs(p, files, workdir) if p["memory"] else []
+        memory, interrupted = [], False
+        try:
+            speed, skipped = speed_runs(p, files, workdir)
+        except Stopped as stop:
+            speed, skipped, interrupted = stop.partial["speed"], stop.partial["skipped"], True
+        if p["memory"] and not interrupted:
+            try:
+                memory = memory_runs(p, files, workdir)
+            except (Stopped, KeyboardInterrupt):
+                interrupted = True
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     result = {
@@ -293,7 +323,7 @@ def run(p: dict) -> dict:
         "load_average": {"before": load_before, "after": os.getloadavg()[0]} if load_before is not None else {},
         "settings": {k: p[k] for k in ("variants", "batches", "threads", "rounds", "warmup", "min_round_s", "half", "mem_batch")},
         "runtimes": {k: {"label": RUNTIMES[k].label, "what": RUNTIMES[k].what, "family": RUNTIMES[k].family} for k in p["keys"]},
-        "speed": speed, "memory": memory, "skipped": skipped,
+        "speed": speed, "memory": memory, "skipped": skipped, "interrupted": interrupted,
     }
     if p["restricted"]:
         names = ", ".join(RUNTIMES[k].label for k in p["restricted"])
@@ -312,6 +342,9 @@ def main(argv=None) -> int:
         p = plan(args)
         base, chart_path = outputs(args, p)
         result = run(p)
+        if result["interrupted"]:  # what was measured goes to partial.*, never over a complete run's files
+            base = (args.out or SCRATCH) / "partial"
+            chart_path = base.with_suffix(".png")
         text = report.markdown(result)
         with atomic_path(base.with_suffix(".json")) as tmp, open(tmp, "w") as f:
             json.dump(result, f, indent=1)
@@ -330,6 +363,9 @@ def main(argv=None) -> int:
     print(text)
     print(f"wrote {base}.json, {base}.md" + (f", {chart_path}" if drew else "") +
           f" in {result['duration_s'] / 60:.1f} min")
+    if result["interrupted"]:
+        print(f"{PROG}: interrupted; the figures above are what was measured before", file=sys.stderr)
+        return 130
     failed = [f for f in result["floors"] if f["status"] == "FAIL"]
     return 1 if args.strict and failed else 0
 

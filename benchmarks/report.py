@@ -158,7 +158,8 @@ def where(places: list[str]) -> str:
 def markdown(result: dict) -> str:
     m, s = result["machine"], result["settings"]
     load = result.get("load_average", {})
-    lines = [f"### `make bench` results ({result['mode']} run, {result['started']})", "",
+    stopped = " — **interrupted**: only what was measured before the stop" if result.get("interrupted") else ""
+    lines = [f"### `make bench` results ({result['mode']} run, {result['started']}){stopped}", "",
              f"Machine: {one_line(m)}.", ""]
     if load:
         busy = max(load["before"], load["after"]) > 0.5

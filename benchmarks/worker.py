@@ -94,7 +94,17 @@ def time_batch(runners, x, rounds: int, warmup: int, min_round_s: float):
             for k in keys}, failed
 
 
-def speed(spec) -> dict:
+def save(result: dict, path) -> None:
+    """Replace ``path`` with ``result`` in one step (a reader never sees half a file)."""
+    tmp = f"{path}.part"
+    with open(tmp, "w") as f:
+        json.dump(result, f)
+    os.replace(tmp, path)
+
+
+def speed(spec, out_path) -> dict:
+    """Every cell of the spec; the results so far are saved after each cell, so a run stopped
+    midway still has what it measured."""
     import numpy as np
 
     from .runners import Setup
@@ -126,6 +136,7 @@ def speed(spec) -> dict:
             for k, r in results.items():
                 rows.append({"runtime": k, "variant": v, "resolution": res, "batch": batch, "threads": threads,
                              "device": spec["device"], "half": spec.get("half", False), **r})
+            save({"speed": rows, "skipped": skipped, "partial": True}, out_path)
             best = ", ".join(f"{k} {batch / r['seconds']['median']:.1f}" for k, r in results.items())
             log(f"  [{where}] {v} {res}px batch {batch} ({time.perf_counter() - t0:.0f} s): images/s {best}")
         del runners
@@ -206,9 +217,11 @@ def main(argv=None) -> int:
     with open(argv[0]) as f:
         spec = json.load(f)
     pin(spec.get("cpus"))
-    result = speed(spec) if spec["mode"] == "speed" else memory(spec)
-    with open(argv[1], "w") as f:
-        json.dump(result, f)
+    try:
+        result = speed(spec, argv[1]) if spec["mode"] == "speed" else memory(spec)
+    except KeyboardInterrupt:  # Ctrl-C reaches the whole process group; the parent reports it
+        return 130
+    save(result, argv[1])
     return 0
 
 
