@@ -20,7 +20,9 @@ ORDER = ("METAL", "AMD", "NV", "CUDA", "QCOM", "CL", "CPU")  # tinygrad's own pr
 
 def clang_missing() -> bool:
     """tinygrad's CPU device compiles C with ``$CC`` (default clang) unless told to use LLVM."""
-    return shutil.which(os.environ.get("CC", "clang")) is None and "LLVM" not in os.environ.get("DEV", "").upper()
+    from tinygrad.helpers import DEV
+
+    return shutil.which(os.environ.get("CC", "clang")) is None and DEV.target("CPU").renderer not in ("LLVM", "X86")
 
 
 def opens(name: str) -> bool:
@@ -60,9 +62,10 @@ def available_devices() -> list[str]:
 
 
 def default_device() -> str:
-    dev = os.environ.get("DEV", "").strip()
-    if dev:
-        return dev.split(":")[0]  # a renderer choice such as DEV=CPU:LLVM stays in the environment
+    from tinygrad.helpers import DEV
+
+    if DEV.device:  # DEV=... as tinygrad read it at import (it later sets os.environ["DEV"] itself)
+        return DEV.device  # a renderer choice such as DEV=CPU:LLVM stays with tinygrad
     works = available_devices()
     if not works:
         hint = "; its CPU device needs clang: sudo apt-get install clang" if clang_missing() else ""
