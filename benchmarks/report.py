@@ -162,8 +162,9 @@ def markdown(result: dict) -> str:
     lines = [f"### `make bench` results ({result['mode']} run, {result['started']}){stopped}", "",
              f"Machine: {one_line(m)}.", ""]
     if load:
-        busy = max(load["before"], load["after"]) > 0.5
-        lines += [f"Load average (1 min) before / after: {load['before']:.2f} / {load['after']:.2f}"
+        busy = load["before"] > 0.5 * m["cores"]  # "after" counts this run's own work
+        lines += [f"Load average (1 min) before / after the run (after includes the run's own work): "
+                  f"{load['before']:.2f} / {load['after']:.2f}"
                   + (f". **The machine was busy** (other processes shared its {m['cores']} cores): figures are noisy and low, "
                      "multi-thread ones most (a thread waiting at a barrier for a descheduled peer). Re-run on a quiet machine."
                      if busy else " (quiet)."), ""]
@@ -250,7 +251,12 @@ def chart(result: dict, path) -> bool:
                 labels.append(lab)
     rows_of_legend = -(-len(labels) // 4)
     fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=8, frameon=False)
-    fig.suptitle(f"SHViT on {result['machine']['cpu']} ({result['machine']['cores']} cores): median, whiskers min–max", fontsize=10)
+    load = result.get("load_average") or {}
+    busy = (load.get("before") or 0) > 0.5 * result["machine"]["cores"]
+    note = " (BUSY machine: figures noisy and low)" if busy else ""
+    stopped = " (interrupted run)" if result.get("interrupted") else ""
+    fig.suptitle(f"SHViT on {result['machine']['cpu']} ({result['machine']['cores']} cores), {result['started'][:10]}: "
+                 f"median, whiskers min–max{note}{stopped}", fontsize=10)
     fig.tight_layout(rect=(0, 0.045 * rows_of_legend + 0.02, 1, 1))
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
