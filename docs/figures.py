@@ -4,7 +4,8 @@
     docs/macs-memory.png    MACs and activation memory per stage for s1-s4, and the macro-design comparison
     docs/attention.png      single-head attention on a real photo (scikit-learn's china.jpg): a head with
                             hand-set weights, and the first attention layer of S1 (random weights, or --weights)
-    docs/throughput.png     the three runtimes side by side, from benchmarks/results/*.json (after `make bench`)
+    docs/throughput.png     the three runtimes side by side, from `make bench`'s JSON (benchmarks/results/latest.json,
+                            else runs/bench/quick.json); skipped when there is none
 
 Nothing here is trained: the attention maps are from hand-set or random weights unless ``--weights``
 names a trained file, and the titles say which. Takes well under a minute on a laptop.
@@ -294,9 +295,9 @@ THREE = {"torch-folded": "PyTorch (folded)", "numpy": "NumPy", "tiny-cpu": "tiny
 
 
 def bench_result() -> dict | None:
-    """The newest CPU result `make bench` wrote (latest.json, else quick.json), or None."""
-    for name in ("latest.json", "quick.json"):
-        p = RESULTS / name
+    """The CPU result of `make bench`: the full run's (benchmarks/results/latest.json), else a
+    quick run's (runs/bench/quick.json), or None."""
+    for p in (RESULTS / "latest.json", ROOT / "runs" / "bench" / "quick.json"):
         if p.is_file():
             result = json.loads(p.read_text())
             if result.get("speed") and result.get("device", "cpu") == "cpu":
@@ -308,7 +309,7 @@ def throughput(path: Path) -> bool:
     """images/s of the three runtimes on S1 at 224 (batch 16), per thread setting. False: no results yet."""
     result = bench_result()
     if result is None:
-        print(f"skipped {path.name}: no benchmark results in {RESULTS.relative_to(ROOT)} yet (run `make bench`)")
+        print(f"skipped {path.name}: no benchmark results yet (run `make bench`, or `make bench` with --quick)")
         return False
     rows = [r for r in result["speed"] if r["variant"] == "s1" and r["runtime"] in THREE]
     batch = 16 if any(r["batch"] == 16 for r in rows) else max((r["batch"] for r in rows), default=0)
@@ -318,7 +319,7 @@ def throughput(path: Path) -> bool:
         return False
     threads = sorted({r["threads"] for r in rows})
     keys = [k for k in THREE if any(r["runtime"] == k for r in rows)]
-    fig, ax = plt.subplots(figsize=(7.5, 4.2))
+    fig, ax = plt.subplots(figsize=(7.5, 4.6))
     width = 0.8 / len(threads)
     for i, t in enumerate(threads):
         xs, ys, err = [], [], [[], []]
@@ -332,11 +333,15 @@ def throughput(path: Path) -> bool:
             ys.append(mid)
             err[0].append(mid - batch / s["max"])
             err[1].append(batch / s["min"] - mid)
-        bars = ax.bar(xs, ys, width, yerr=err, capsize=3, label="1 core" if t == 1 else f"{t} cores")
-        ax.bar_label(bars, fmt="%.0f", fontsize=8, padding=2)
+        ax.bar(xs, ys, width, yerr=err, capsize=3, label="1 core" if t == 1 else f"{t} cores")
+        for x, y, up in zip(xs, ys, err[1]):
+            ax.text(x, y + up, f"{y:.0f}", ha="center", va="bottom", fontsize=8)
+    load = (result.get("load_average") or {}).get("before")
+    busy = ", a busy machine: noisy" if load is not None and load > 0.5 * result["machine"]["cores"] else ""
     ax.set(xticks=range(len(keys)), xticklabels=[THREE[k] for k in keys], ylabel="images / s (higher is better)",
-           title=f"One weight file, three runtimes: SHViT-S1 at 224, batch {batch}\n{result['machine']['cpu']} "
-                 f"({result['mode']} run of `make bench`, {result['started'][:10]}); median, whiskers min–max")
+           title=f"One weight file, three runtimes: SHViT-S1 at 224, batch {batch}\n{result['machine']['cpu']}, "
+                 f"{result['machine']['cores']} cores\n{result['mode']} run of `make bench`, {result['started'][:10]}{busy}; "
+                 "median, whiskers min–max")
     ax.title.set_fontsize(9.5)
     ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3)
