@@ -9,7 +9,7 @@ import os
 import sys
 from pathlib import Path
 
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, Phase, settings
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -18,6 +18,8 @@ _common = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, Healt
 settings.register_profile("ci", settings.get_profile("ci"), max_examples=8, derandomize=True, **_common)
 settings.register_profile("dev", max_examples=8, derandomize=True, **_common)
 settings.register_profile("thorough", max_examples=200, **_common)
+# tests.plant_bugs: find a failure, report it, skip shrinking (each shrink step recompiles tinygrad kernels)
+settings.register_profile("plant", max_examples=8, derandomize=True, phases=[Phase.explicit, Phase.reuse, Phase.generate], **_common)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev"))
 
 if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test` runs two workers on two cores: one thread each
