@@ -130,12 +130,15 @@ def compare(args, weights: Path) -> dict:
 
 
 def beam(args, weights: Path) -> dict:
-    """BEAM=N: the search at the first call (timed), then the same throughput measurement."""
-    env = {"BEAM": str(args.beam)}
-    first = spawn("tiny", args, weights, env)  # searches (or reads the search's cache) and compiles
-    print(f"BEAM={args.beam}: first call {first['first_call_s']:.1f} s (search + compile), "
-          f"{first['img_per_s']:.1f} img/s", flush=True)
-    again = [spawn("tiny", args, weights, env) for _ in range(max(1, args.rounds // 2))]
+    """BEAM=N: the search at the first call (timed), then the same throughput measurement. On a
+    cache of its own: tinygrad keys a search's result without the thread count, and a result
+    found with several CPU threads fails to replay with one (KernelOptError: too many threads)."""
+    with tempfile.TemporaryDirectory() as d:
+        env = {"BEAM": str(args.beam), "CACHEDB": str(Path(d) / "cache.db")}
+        first = spawn("tiny", args, weights, env)  # searches and compiles
+        print(f"BEAM={args.beam}: first call {first['first_call_s']:.1f} s (search + compile), "
+              f"{first['img_per_s']:.1f} img/s", flush=True)
+        again = [spawn("tiny", args, weights, env) for _ in range(max(1, args.rounds // 2))]
     med = statistics.median(m["img_per_s"] for m in again)
     print(f"BEAM={args.beam}: later runs (cache warm): first call {again[0]['first_call_s']:.1f} s, {med:.1f} img/s", flush=True)
     return {"beam": args.beam, "search_first_call_s": first["first_call_s"], "warm_first_call_s": again[0]["first_call_s"],

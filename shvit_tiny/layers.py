@@ -93,12 +93,14 @@ def taps(x: Tensor, k: int, stride: int, padding: int):
     return [xp[:, i:i + stride * (Ho - 1) + 1:stride, j:j + stride * (Wo - 1) + 1:stride, :] for i in range(k) for j in range(k)]
 
 
-# ---- the CPU's dense products -------------------------------------------------------------------
-# tinygrad's own kernel heuristic tiles a product 4 x 4 (SSE-width float4 vectors) and reaches
-# about 30 GFLOPS on one core. These two custom kernels state the same sums in tinygrad's UOp
-# language with a wider register tile (16 output channels, one AVX-512 vector, by 4 rows) and run
-# at 50-60: they are what makes the CPU device about twice as fast. Other devices (GPUs, OpenCL)
-# and float16 keep tinygrad's generic ops, which it tiles for that device itself.
+# ---- the CPU device's convolutions ------------------------------------------------------------
+# tinygrad's own kernel heuristic tiles a matrix product 4 x 4 (4 rows x one float4) and reaches
+# about 30 GFLOPS on one core here. The three custom kernels below state the same sums in
+# tinygrad's UOp language with a wider register tile (4 rows x 16 output channels: four times the
+# accumulators per loaded value) and run at 50-60; a dense 3x3 convolution reads its windows and
+# its zero padding straight from the map (no im2col or padded copy), and bias, ReLU and residual
+# are applied before the store. Together: the CPU device 2.5x faster than with the generic ops.
+# Other devices (GPUs, OpenCL) and float16 keep tinygrad's generic ops, which it tiles itself.
 
 def use_cpu_kernels(*ts: Tensor) -> bool:
     return all(t.device == "CPU" and t.dtype == dtypes.float32 for t in ts)

@@ -73,17 +73,19 @@ class SHViT(Module):
         """The unfolded tensors by canonical name, as numpy (only before ``fuse()``)."""
         return {name: getattr(*self._walk(name)).numpy() for name in state_shapes(self.config)}
 
-    def fuse(self) -> SHViT:
-        """Fold every BatchNorm into the layer before it, in place (see ConvBN.fuse)."""
+    def fuse(self, ready: bool = True) -> SHViT:
+        """Fold every BatchNorm into the layer before it, in place (see ConvBN.fuse); ``ready``:
+        then lay out and compute the new weights (``load`` does that once, after any cast)."""
         for name, child in list(self.children()):
             setattr(self, name, [fuse(c) for c in child] if isinstance(child, list) else fuse(child))
-        self._jits.clear()
-        return self
+        return self.prepare().realize() if ready else self
 
-    def realize(self) -> SHViT:
-        """Compute every weight the model holds (read, folded, cast, laid out) in one schedule."""
-        Tensor.realize(*tensors(self))
-        return self
+    def half(self, ready: bool = True) -> SHViT:
+        """Cast every weight to float16 (GroupNorm and softmax still compute in float32)."""
+        for _, child in list(self.children()):
+            _cast_tree(child, dtypes.float16)
+        self.dtype = dtypes.float16
+        return self.prepare().realize() if ready else self
 
     def prepare(self) -> SHViT:
         """Cache every convolution's weight in the layout its product reads (see Conv2d.matrix):
@@ -91,14 +93,12 @@ class SHViT(Module):
         for _, child in self.children():
             for c in child if isinstance(child, list) else [child]:
                 prepare_tree(c)
-        self._jits.clear()
         return self
 
-    def half(self) -> SHViT:
-        """Cast every weight to float16 (GroupNorm and softmax still compute in float32)."""
-        for _, child in list(self.children()):
-            _cast_tree(child, dtypes.float16)
-        self.dtype = dtypes.float16
+    def realize(self) -> SHViT:
+        """Compute every weight the model holds (read, folded, cast, laid out) in one schedule;
+        the JIT captures made with the old weights are dropped."""
+        Tensor.realize(*tensors(self))
         self._jits.clear()
         return self
 
@@ -199,7 +199,7 @@ def load(path, device: str | None = None, half: bool = False, fold: bool = True)
     model = SHViT(cfg).load_state(state)
     model.labels, model.resolution, model.device = labels, resolution or default_resolution(cfg), device
     if fold:
-        model.fuse()
+        model.fuse(ready=False)
     if half:
-        model.half()
-    return model.prepare().realize()
+        model.half(ready=False)
+    return model.prepare().realize()  # one schedule for every weight kernel
