@@ -31,7 +31,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from shvit_numpy.cli import Parser
+from shvit_numpy.cli import Parser, fail
 from shvit_numpy.config import RESOLUTION, VARIANTS
 from shvit_numpy.errors import ShvitError
 from shvit_numpy.weights import atomic_path
@@ -351,12 +351,8 @@ def main(argv=None) -> int:
         with atomic_path(base.with_suffix(".md")) as tmp, open(tmp, "w") as f:
             f.write(text)
         drew = bool(result["speed"]) and report.chart(result, chart_path)
-    except ShvitError as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:
-        print(f"{PROG}: error: {e.strerror or e}: {e.filename or ''}".rstrip(": "), file=sys.stderr)
-        return 2
+    except (ShvitError, OSError) as e:
+        return fail(PROG, e)
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130

@@ -100,6 +100,15 @@ def read_batch(args, loaded: Loaded) -> tuple[np.ndarray, list[str]]:
     return check_array(load_images(images, res), cfg.in_chans), [p.name for p in images]
 
 
+def fail(prog: str, e: Exception) -> int:
+    """The one-line report of a user error (ShvitError, or an OSError such as an unwritable path); exit status 2."""
+    if isinstance(e, OSError):
+        print(f"{prog}: error: {e.strerror or e}: {e.filename or ''}".rstrip(": "), file=sys.stderr)
+    else:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+    return 2
+
+
 def softmax(z: np.ndarray) -> np.ndarray:
     z = z - z.max(axis=-1, keepdims=True)
     e = np.exp(z)
@@ -132,12 +141,8 @@ def main(prog: str, load: Callable[[Path, argparse.Namespace], Loaded], parser: 
             print(f"saved logits {list(logits.shape)} to {args.save_logits}", file=sys.stderr)
         if args.topk:
             report(logits, names, class_names(loaded.config.num_classes, loaded.labels), min(args.topk, logits.shape[1]))
-    except ShvitError as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:  # unwritable output path and the like
-        print(f"{prog}: error: {e.strerror or e}: {e.filename or ''}".rstrip(": "), file=sys.stderr)
-        return 2
+    except (ShvitError, OSError) as e:  # OSError: an unwritable output path and the like
+        return fail(prog, e)
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130

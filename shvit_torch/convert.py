@@ -11,7 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from shvit_numpy.cli import Parser
+from shvit_numpy.cli import Parser, fail
 from shvit_numpy.errors import ShvitError
 from shvit_numpy.labels import class_names
 from shvit_numpy.weights import save_weights
@@ -39,12 +39,8 @@ def main(argv=None) -> int:
         if args.src.resolve() == args.dst.resolve():
             raise ShvitError("output would overwrite the input; choose another path")
         convert(args.src, args.dst, args.resolution)
-    except ShvitError as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:
-        print(f"{PROG}: error: {e.strerror or e}: {e.filename or ''}".rstrip(": "), file=sys.stderr)
-        return 2
+    except (ShvitError, OSError) as e:
+        return fail(PROG, e)
     print(f"wrote {args.dst}")
     return 0
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from shvit_numpy.cli import Parser
+from shvit_numpy.cli import Parser, fail
 from shvit_numpy.errors import ShvitError
 from shvit_numpy.weights import atomic_path
 
@@ -91,12 +91,8 @@ def main(argv=None) -> int:
         resolution = args.resolution or model.resolution or 224
         export_onnx(model, args.out, args.opset, resolution, dynamic=not args.static)
         diff = None if args.no_verify else verify_onnx(model, args.out, resolution)
-    except ShvitError as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:
-        print(f"{PROG}: error: {e.strerror or e}: {e.filename or ''}".rstrip(": "), file=sys.stderr)
-        return 2
+    except (ShvitError, OSError) as e:
+        return fail(PROG, e)
     axes = "static shape" if args.static else "dynamic batch, height, width"
     print(f"wrote {args.out} (opset {args.opset}, {axes}, folded {model.config.num_classes}-class model)")
     if diff is not None:
