@@ -1,0 +1,140 @@
+"""Eight-float loads and stores for this package's CPU kernels (tinygrad 0.14's C code stops at four).
+
+Why: tinygrad's code generator groups adjacent float32 loads and stores into vectors of at most
+4 (``float4``, 128 bits) on every C-rendering device; clang then multiplies in 128-bit registers.
+On a CPU with 256-bit (AVX2) or 512-bit (AVX-512) units that is half or a quarter of its width:
+the matrix products of ``layers.gemm_kernel`` sat at ~60 GFLOPS on one core here, the 128-bit
+FMA peak, while the same product with 8-float vectors runs at ~115. This pass, run right after
+tinygrad's own grouping, merges each pair of neighbouring 4-float accesses, ``[o, o+4)`` and
+``[o+4, o+8)`` of one buffer, into one 8-float access when ``o`` is provably a multiple of 8.
+Nothing else changes: the same values are read and written, in the same order per element.
+
+Scope: only kernels this package writes (their names start with ``gemm``, ``conv`` or ``dw``)
+on tinygrad's CPU device; every other kernel, and every other device, is left to tinygrad
+(OpenCL, Metal and CUDA pick their own widths). Alignment: an 8-float vector is declared
+32-byte aligned, as tinygrad declares ``float4`` 16-byte aligned; tinygrad's CPU buffers are
+page-aligned mmaps and its memory planner places buffers at multiples of 256 bytes, and the
+offset is checked to be a multiple of 8 floats, so every merged access is 32-byte aligned.
+
+The hook is tinygrad's ``memory_coalescing`` as ``tinygrad.codegen`` calls it, wrapped once
+(``install``), in this process and in tinygrad's compile workers (spawned processes that lower
+kernels in parallel: their start-up function is wrapped to install it there too). With any
+tinygrad other than 0.14.0 nothing is installed and the kernels run with tinygrad's own 4-float
+vectors (the same answers, slower).
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+
+KERNEL_PREFIXES = ("gemm", "conv", "dw")
+PINNED = "0.14.0"
+
+
+def split_offset(offset):
+    """A vector access's offset -> (valid, root, constant): root + constant elements, or
+    (valid, None, constant) for a constant offset."""
+    from tinygrad.uop.ops import Ops
+
+    idx, valid = offset.get_idx(), offset.get_valid()
+    if idx.op is Ops.ADD and idx.src[1].op is Ops.CONST:
+        return valid, idx.src[0], idx.src[1].arg
+    if idx.op is Ops.ADD and idx.src[0].op is Ops.CONST:
+        return valid, idx.src[1], idx.src[0].arg
+    if idx.op is Ops.CONST:
+        return valid, None, idx.arg
+    return valid, idx, 0
+
+
+def float4_accesses(sink):
+    """Every 4-float load and store of a float32 buffer, grouped by (op, buffer, valid, root)
+    and then by constant offset."""
+    from tinygrad.dtype import dtypes
+    from tinygrad.uop.ops import Ops
+
+    groups: dict[tuple, dict[int, list]] = defaultdict(dict)
+    for u in sink.toposort():
+        if u.op not in (Ops.LOAD, Ops.STORE):
+            continue
+        shrink = u.src[0]  # tinygrad's vector access: SHRINK(buffer, offset, length)
+        if shrink.op is not Ops.SHRINK or shrink.src[2].op is not Ops.CONST or shrink.src[2].arg != 4:
+            continue
+        buf = shrink.src[0]
+        if buf.dtype != dtypes.float32:
+            continue
+        valid, root, const = split_offset(shrink.src[1])
+        groups[(u.op, buf, valid, root)].setdefault(const, []).append(u)
+    return groups
+
+
+def widen(sink):
+    """Merge aligned pairs of 4-float loads/stores into 8-float ones (see the module docstring)."""
+    from tinygrad.uop.ops import Ops, UOp
+
+    replace = {}
+    for (op, buf, _, _), by_const in float4_accesses(sink).items():
+        for const in sorted(by_const):
+            lo, hi = by_const[const], by_const.get(const + 4)
+            if const % 8 or hi is None or (op is Ops.STORE and (len(lo) != 1 or len(hi) != 1)):
+                continue
+            offset = lo[0].src[0].src[1]
+            if offset.get_idx().divides(8) is None:  # not provably a multiple of 8 floats
+                continue
+            wide = UOp(Ops.SHRINK, src=(buf, offset, UOp.const(8)))
+            if op is Ops.LOAD:
+                load = wide.load()
+                for base, accesses in ((0, lo), (4, hi)):
+                    for access in accesses:  # its users read lanes access.index(i)
+                        replace.update({access.index(i): load.index(base + i) for i in range(4)})
+            else:
+                lanes = [st.src[1].index(i) for st in (lo[0], hi[0]) for i in range(4)]
+                replace[lo[0]] = replace[hi[0]] = wide.store(UOp.stack(*lanes))
+    return sink.substitute(replace, name="shvit_tiny: 8-float vectors") if replace else sink
+
+
+def install() -> bool:
+    """Wrap tinygrad's grouping pass once; False (and nothing changed) on another tinygrad."""
+    from importlib.metadata import version
+
+    import tinygrad.codegen as codegen
+
+    coalesce = getattr(codegen, "memory_coalescing", None)
+    if version("tinygrad") != PINNED or coalesce is None:
+        return False
+    if getattr(coalesce, "shvit_wide", False):
+        return True
+
+    def memory_coalescing(sink, ren):
+        out = coalesce(sink, ren)
+        name = getattr(sink.arg, "name", "") or ""
+        if ren is not None and ren.target.device == "CPU" and name.startswith(KERNEL_PREFIXES):
+            out = widen(out)
+        return out
+
+    memory_coalescing.shvit_wide = True
+    codegen.memory_coalescing = memory_coalescing
+    install_in_workers()
+    return True
+
+
+_tinygrad_init_worker = None  # tinygrad's own worker start-up, kept when it is replaced
+
+
+def init_worker() -> None:
+    """A compile worker's start (in the spawned process, which imported this package and so ran
+    ``install`` when it unpickled this function): tinygrad's own set-up, then this pass."""
+    if _tinygrad_init_worker is not None:
+        _tinygrad_init_worker()
+    install()
+
+
+def install_in_workers() -> None:
+    """Make tinygrad's compile workers (spawned: they import nothing of ours) install the pass.
+    A pool started before this was installed is closed, so the next one starts with it."""
+    global _tinygrad_init_worker
+    from tinygrad.engine import worker
+
+    if worker._init_worker is init_worker:
+        return
+    _tinygrad_init_worker, worker._init_worker = worker._init_worker, init_worker
+    if worker.worker_pool is not None:
+        worker.terminate_worker_pool()
