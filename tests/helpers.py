@@ -13,7 +13,7 @@ import numpy as np
 # differ by summation order only; errors grow with depth and with |logits|.
 TOL = {
     "float32": dict(atol=1e-4, rtol=1e-4),  # whole models and blocks, float32 everywhere
-    "float16": dict(atol=5e-2, rtol=5e-2),  # tinygrad --half against float32 torch
+    "float16": dict(atol=1e-2, rtol=1e-2),  # tinygrad --half against float32 torch (measured <= 3.6e-3)
 }
 
 
