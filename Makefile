@@ -12,6 +12,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml requirements-dev.txt
 	test -x $(PY) || python3 -m venv .venv
 	$(PY) -m pip install -q -r requirements-dev.txt
+	$(PY) -m pip install -q --no-deps timm==1.0.31  # the peer model; its torchvision would pull CUDA torch
 	$(PY) -m pip install -q --no-deps -e .
 	touch $(STAMP)
 

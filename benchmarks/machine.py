@@ -71,8 +71,11 @@ def describe() -> dict:
     libs = {d: version(d) for d in ("numpy", "torch", "tinygrad", "onnxruntime", "onnx", "timm", "torchvision")}
     if libs["timm"]:
         try:
-            import timm  # noqa: F401
-        except Exception:  # installed but broken (timm needs a torchvision that imports beside this torch)
+            from .standin import import_timm
+
+            if import_timm()[1]:
+                libs["timm"] += " (with a stand-in torchvision: PyPI's does not load beside this torch)"
+        except Exception:  # installed but broken
             libs["timm"] += " (installed, does not import)"
     hypervisor = None
     try:

@@ -139,7 +139,13 @@ def load_timm(setup):
     """timm's own SHViT with the same weights (canonical names are timm's), folded with timm's
     ``fuse()`` and traced like ours: the reference the first speed floor compares with."""
     torch = need("torch", "pip install torch")
-    timm = need("timm", "pip install timm (it needs a torchvision that imports beside this torch)")
+    try:
+        from .standin import import_timm
+
+        timm, _ = import_timm()  # with an inert torchvision where PyPI's does not load (see standin.py)
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise Unavailable(f"timm does not import here ({first[:120]}); pip install --no-deps timm (make install does)") from None
     from shvit_numpy.weights import load_weights
 
     w = load_weights(setup.weights)
@@ -253,6 +259,7 @@ RUNTIMES = {r.key: r for r in [
             ("tinygrad", "shvit_tiny")),
     Runtime("ort", "ONNX Runtime", "onnxruntime CPU provider on the folded ONNX export (opset 17)", "peer", False, ("cpu",), load_ort,
             ("onnxruntime",)),
-    Runtime("timm", "timm folded, traced", "timm's SHViT, same weights, fuse() + torch.jit.trace + freeze", "peer", False, ("cpu", "cuda"),
-            load_timm, ("torch",)),
+    Runtime("timm", "timm folded, traced",
+            "timm's SHViT, same weights, fuse() + torch.jit.trace + freeze (torchvision: benchmarks/standin.py)", "peer", False,
+            ("cpu", "cuda"), load_timm, ("torch",)),
 ]}

@@ -71,6 +71,46 @@ def test_timm_files_load(tmp_path, s1, kind):
     assert_close(f"timm {kind} logits", logits(loaded), logits(model), atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("variant", ["s1", "s4"])
+def test_timm_model_itself_agrees(tmp_path, variant):
+    """timm's own SHViT (timm 1.0.31, imported with benchmarks/standin.py's inert torchvision)
+    takes our canonical state with no renaming and gives our logits, unfolded and folded: the
+    reference implementation and this one are the same function, and its files are ours."""
+    from benchmarks.standin import import_timm
+
+    timm, _ = import_timm()
+    ours = shvit_torch.create(variant).eval()
+    state = randomize(ours, seed=5)
+    theirs = timm.create_model(f"shvit_{variant}", pretrained=False).eval()
+    missing, unexpected = theirs.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()}, strict=False)
+    assert [k for k in missing if not k.endswith("num_batches_tracked")] == [] and unexpected == []
+    x = torch.randn(2, 3, 64, 96, generator=torch.Generator().manual_seed(2))
+    safetensors.numpy.save_file({k: v.numpy() for k, v in theirs.state_dict().items()}, tmp_path / "timm.safetensors")
+    with torch.no_grad():
+        expected = ours(x)
+        assert_close(f"timm shvit_{variant} logits", theirs(x), expected)
+        assert_close(f"timm shvit_{variant} fused logits", theirs.fuse()(x), expected)
+        assert_close("timm's own file through shvit_torch.load", logits_of(shvit_torch.load(tmp_path / "timm.safetensors"), x), expected)
+
+
+def logits_of(model, x):
+    with torch.no_grad():
+        return model.eval()(x)
+
+
+def test_standin_torchvision_refuses_use():
+    """The stand-in exists only to import timm: calling any of it raises, naming itself."""
+    from benchmarks.standin import import_timm
+
+    _, note = import_timm()
+    if note is None:
+        pytest.skip("a real torchvision loads here")
+    import torchvision.transforms as T
+
+    with pytest.raises(RuntimeError, match="stand-in"):
+        T.Resize(224)
+
+
 @pytest.mark.parametrize("opts", [{}, {"training": True}, {"two_d": True}, {"prefix_module": True},
                                   {"fp16": True, "two_d": True, "training": True}])
 def test_authors_files_load(tmp_path, s1, opts):
