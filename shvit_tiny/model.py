@@ -20,6 +20,7 @@ from shvit_numpy.errors import ShvitError
 from shvit_numpy.names import authors_to_canonical, check_state, detect_format, infer_config, state_shapes
 from shvit_numpy.weights import read_safetensors
 
+from .devices import compile_context
 from .layers import FFN, BasicBlock, ConvBN, Module, NormLinear, PatchMerging, ReLU, Residual, Stage, channels_last, fuse, tensors
 from .layers import prepare as prepare_tree
 
@@ -136,7 +137,8 @@ class SHViT(Module):
         key = (x.shape, x.dtype, x.device)
         if key not in self._jits:
             self._jits[key] = TinyJit(lambda t: self.forward(t).realize())
-        return self._jits[key](x)
+        with compile_context(self.device):  # the first two calls compile and capture; later ones replay
+            return self._jits[key](x)
 
     def __call__(self, x, jit: bool = True):
         """numpy (B, 3, H, W) float32 -> numpy logits; a Tensor -> a Tensor. Any H and W."""

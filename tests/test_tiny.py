@@ -6,6 +6,7 @@ Compiling kernels dominates the cost (a new input shape or model means new kerne
 model is loaded once per module, most tests share one odd, non-square input shape, and all of
 them run in one xdist worker (one process: compiled kernels are reused across tests).
 """
+import contextlib
 import os
 import re
 import subprocess
@@ -21,7 +22,7 @@ import shvit_torch
 from shvit_numpy.config import SHViTConfig
 from shvit_numpy.errors import ShvitError
 from shvit_tiny import run
-from shvit_tiny.devices import available_devices, cl_is_cpu, resolve_device
+from shvit_tiny.devices import available_devices, cl_is_cpu, compile_context, has_avx512, resolve_device
 from tests.helpers import TOL, assert_close, randomize
 
 pytestmark = pytest.mark.xdist_group("tiny")
@@ -192,17 +193,27 @@ def test_cli_bad_input_array(small, tmp_path):
 
 
 WIDE_SCRIPT = """
+import contextlib, sys
 import numpy as np
 from tinygrad import Tensor
 import shvit_tiny
+from shvit_tiny.devices import compile_context
 from shvit_tiny.layers import matmul_bias
 rng = np.random.default_rng(0)
-for m, k, n in ((64, 24, 32), (9, 5, 12), (24, 16, 40)):
-    a, w, b, r = (rng.standard_normal(s).astype(np.float32) for s in ((m, k), (k, n), (n,), (m, n)))
-    out = matmul_bias(Tensor(a), Tensor(w), Tensor(b), relu=True, residual=Tensor(r)).numpy()
-    np.testing.assert_allclose(out, np.maximum(a @ w + b, 0) + r, rtol=1e-5, atol=1e-5)
+with compile_context("CPU") if sys.argv[1] == "wide" else contextlib.nullcontext():
+    for m, k, n in ((64, 24, 32), (9, 5, 12), (24, 16, 40)):
+        a, w, b, r = (rng.standard_normal(s).astype(np.float32) for s in ((m, k), (k, n), (n,), (m, n)))
+        out = matmul_bias(*(Tensor(t, device="CPU") for t in (a, w, b)), relu=True, residual=Tensor(r, device="CPU")).numpy()
+        np.testing.assert_allclose(out, np.maximum(a @ w + b, 0) + r, rtol=1e-5, atol=1e-5)
 print("VALUES OK")
 """
+
+
+def kernel_sources(parallel: str, context: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "DEV"} | {"DEBUG": "4", "PARALLEL": parallel}
+    out = subprocess.run([sys.executable, "-c", WIDE_SCRIPT, context], capture_output=True, text=True, env=env)
+    assert out.returncode == 0 and "VALUES OK" in out.stdout, out.stderr[-2000:]
+    return dict(re.findall(r"void (\w+)\((.*?)\n}", out.stdout, re.S))  # kernel name -> its C
 
 
 @pytest.mark.parametrize("parallel", ["0", "2"])
@@ -211,10 +222,30 @@ def test_cpu_kernels_use_eight_float_vectors(parallel):
     speed on AVX2/AVX-512), in this process (PARALLEL=0) and in tinygrad's spawned compile
     workers (PARALLEL=2), and the values stay exact; shapes whose width is not a multiple of 8
     keep 4-float vectors."""
-    env = {**os.environ, "DEV": "CPU", "DEBUG": "4", "PARALLEL": parallel}
-    out = subprocess.run([sys.executable, "-c", WIDE_SCRIPT], capture_output=True, text=True, env=env)
-    assert out.returncode == 0 and "VALUES OK" in out.stdout, out.stderr[-2000:]
-    sources = dict(re.findall(r"void (\w+)\((.*?)\n}", out.stdout, re.S))  # kernel name -> its C
+    sources = kernel_sources(parallel, "plain")
     assert "float8" in sources["gemm_64_32_24"], "the 64x32 product was not widened"
     assert "float8" in sources["gemm_24_40_16"], "the 24x40 product was not widened"
     assert "float8" not in sources["gemm_9_12_5"] and "float4" in sources["gemm_9_12_5"]
+
+
+@pytest.mark.skipif(not has_avx512(), reason="16-float vectors are asked for on AVX-512 CPUs only")
+def test_avx512_compiles_use_sixteen_float_vectors():
+    """Under compile_context (the model's JIT compiles in it), clang is asked for 512-bit vectors
+    and the products get 16-float accesses where the width allows; the values stay exact."""
+    sources = kernel_sources("2", "wide")
+    assert "float16" in sources["gemm_64_32_24"]  # 16-column tiles
+    assert "float8" in sources["gemm_24_40_16"] and "float16" not in sources["gemm_24_40_16"]  # 40 = 5 x 8
+    assert "float8" not in sources["gemm_9_12_5"]
+
+
+def test_compile_context_leaves_other_devices_and_your_dev_alone(monkeypatch):
+    from tinygrad.helpers import DEV, Target
+
+    assert isinstance(compile_context("CL"), contextlib.nullcontext)
+    monkeypatch.setattr(DEV, "_value", [Target("CPU", "CLANG", "x86_64,native")])
+    assert isinstance(compile_context("CPU"), contextlib.nullcontext)  # a renderer/arch you chose
+    monkeypatch.setattr(DEV, "_value", [Target("METAL")])
+    if has_avx512():
+        with compile_context("CPU"):
+            assert [repr(t) for t in DEV.value] == ["CPU:CLANG:x86_64,native,prefer-vector-width=512", "METAL"]
+    assert [repr(t) for t in DEV.value] == ["METAL"]
