@@ -68,39 +68,37 @@ def vector_accesses(sink, length: int):
     return groups
 
 
-def merge_pairs(sink, length: int):
-    """Merge each aligned pair of ``length``-float accesses, [o, o+length) and [o+length, o+2*length)
-    with o a provable multiple of 2*length, into one access of 2*length floats."""
+def widen(sink, width: int = 8):
+    """Merge runs of 4-float accesses into accesses of ``width`` floats (else 8 where only that
+    fits): [o, o+4), [o+4, o+8), ... of one buffer, with o a provable multiple of the new width.
+    One substitution for the whole kernel (tinygrad's graph work is what a compile spends)."""
     from tinygrad.uop.ops import Ops, UOp
 
     replace = {}
-    for (op, buf, _, _), by_const in vector_accesses(sink, length).items():
+    for (op, buf, _, _), by_const in vector_accesses(sink, 4).items():
+        done = set()
         for const in sorted(by_const):
-            lo, hi = by_const[const], by_const.get(const + length)
-            if const % (2 * length) or hi is None or (op is Ops.STORE and (len(lo) != 1 or len(hi) != 1)):
+            if const in done:
                 continue
-            offset = lo[0].src[0].src[1]
-            if offset.get_idx().divides(2 * length) is None:  # not provably aligned
-                continue
-            wide = UOp(Ops.SHRINK, src=(buf, offset, UOp.const(2 * length)))
-            if op is Ops.LOAD:
-                load = wide.load()
-                for base, accesses in ((0, lo), (length, hi)):
-                    for access in accesses:  # its users read lanes access.index(i)
-                        replace.update({access.index(i): load.index(base + i) for i in range(length)})
-            else:
-                lanes = [st.src[1].index(i) for st in (lo[0], hi[0]) for i in range(length)]
-                replace[lo[0]] = replace[hi[0]] = wide.store(UOp.stack(*lanes))
-    return sink.substitute(replace, name=f"shvit_tiny: {2 * length}-float vectors") if replace else sink
-
-
-def widen(sink, width: int = 8):
-    """4-float accesses -> 8 (and -> 16 when ``width`` is 16), see the module docstring."""
-    length = 4
-    while length < width:
-        sink = merge_pairs(sink, length)
-        length *= 2
-    return sink
+            offset = by_const[const][0].src[0].src[1]
+            for w in (16, 8):
+                run = [by_const.get(const + 4 * i) for i in range(w // 4)]
+                if w > width or const % w or None in run or offset.get_idx().divides(w) is None:
+                    continue  # too wide, a gap, or not provably aligned
+                if op is Ops.STORE and any(len(accesses) != 1 for accesses in run):
+                    continue
+                wide = UOp(Ops.SHRINK, src=(buf, offset, UOp.const(w)))
+                if op is Ops.LOAD:
+                    load = wide.load()
+                    for part, accesses in enumerate(run):
+                        for access in accesses:  # its users read lanes access.index(i)
+                            replace.update({access.index(i): load.index(4 * part + i) for i in range(4)})
+                else:
+                    store = wide.store(UOp.stack(*[st[0].src[1].index(i) for st in run for i in range(4)]))
+                    replace.update({st[0]: store for st in run})
+                done.update(const + 4 * i for i in range(w // 4))
+                break
+    return sink.substitute(replace, name=f"shvit_tiny: {width}-float vectors") if replace else sink
 
 
 def vector_width(ren) -> int:
