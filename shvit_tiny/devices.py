@@ -9,6 +9,7 @@ With no device given: ``DEV=...`` if set, else the first that works in tinygrad'
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import platform
 import shutil
@@ -94,6 +95,7 @@ def resolve_device(name: str | None) -> str:
     return full
 
 
+@functools.cache
 def has_avx512() -> bool:
     """Whether this is an x86-64 CPU with AVX-512 (Linux: /proc/cpuinfo's flags)."""
     if platform.machine().lower() not in ("x86_64", "amd64"):

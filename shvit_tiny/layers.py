@@ -144,6 +144,14 @@ def channel_tile(n: int) -> tuple:
     return (first, 2) if wide and n % 32 == 0 else (first,)
 
 
+def row_tile(m: int) -> int:
+    """Rows a product's register tile holds: 8 where the CPU has 32 vector registers of 256 or
+    512 bits (AVX-512), else 4 (AVX2 has 16 registers: 8 rows x 16 channels would fill them all)."""
+    from .devices import has_avx512
+
+    return tile(m, (8, 4, 2, 1) if has_avx512() else (4, 2, 1))
+
+
 def channel_upcasts(sizes: tuple[int, ...], r: int, amounts: tuple) -> tuple:
     """The UPCAST opts of ``channel_tile`` for range ``r`` (the second splits what the first left)."""
     return tuple(o for amount in amounts for o in upcasts(sizes, (r, amount)))
@@ -157,7 +165,7 @@ def gemm_kernel(C: UOp, A: UOp, B: UOp, bias: UOp, *res: UOp, relu: bool = False
     C = C[i, j].set(0.0)
     C = C[i, j].set(C.after(k)[i, j] + A[i, k] * B[k, j], end=k)  # the sum over K, in registers
     C = C[i, j].set(kernel_epilogue(C[i, j] + bias[j], relu, res[0][i, j] if res else None))
-    opts = channel_upcasts((M, N), 1, channel_tile(N)) + upcasts((M, N), (0, tile(M, (8, 4, 2, 1))))
+    opts = channel_upcasts((M, N), 1, channel_tile(N)) + upcasts((M, N), (0, row_tile(M)))
     return C.end(i, j).sink(arg=KernelInfo(name=f"gemm_{M}_{N}_{A.shape[1]}", opts_to_apply=opts))
 
 
