@@ -188,19 +188,43 @@ def spawn(runtime: str, args) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+# -- shared by this comparison and benchmarks.tiny_speed's ------------------------------------------
+
+def comparison_args(p: argparse.ArgumentParser, pair: tuple[str, str], iters: int) -> None:
+    """The model, input and round arguments of a one-core comparison of ``pair``."""
+    p.add_argument("--variant", default="s1")
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--resolution", type=int, default=224)
+    p.add_argument("--rounds", type=int, default=5, help=f"{pair[0]}/{pair[1]} pairs, alternating (default 5)")
+    p.add_argument("--iters", type=int, default=iters, help=f"timed batches per process after the warm-up (default {iters})")
+
+
+def alternate(pair: tuple[str, str], rounds: int, spawn_one, line, keys: tuple[str, ...]) -> dict:
+    """``rounds`` rounds of one fresh process per runtime, the order alternating (a b, b a, ...)
+    so that a busy neighbour on a shared CPU slows both alike; each run printed with ``line(m)``;
+    the medians of ``keys`` per runtime."""
+    runs = {runtime: [] for runtime in pair}
+    for r in range(rounds):
+        for runtime in pair if r % 2 == 0 else pair[::-1]:
+            runs[runtime].append(m := spawn_one(runtime))
+            print(f"round {r + 1} {runtime:5s} {line(m)}", flush=True)
+    return {rt: {k: statistics.median(m[k] for m in ms) for k in keys} for rt, ms in runs.items()}
+
+
+def save(results: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"saved {path}")
+
+
 def compare(args) -> dict:
     """Alternating rounds; medians; ratios oriented as throughput (numpy / torch, > 1: numpy faster)
     except memory (numpy / torch, < 1: numpy smaller). The load average says how busy the CPU was."""
     load_before = os.getloadavg()[0]
-    runs = {"numpy": [], "torch": []}
-    for r in range(args.rounds):
-        for runtime in ("numpy", "torch") if r % 2 == 0 else ("torch", "numpy"):
-            runs[runtime].append(spawn(runtime, args))
-            m = runs[runtime][-1]
-            print(f"round {r + 1} {runtime:5s} {m['img_per_s']:7.1f} img/s  (cpu {m['cpu_s'] * 1000:6.1f} ms/batch)  "
-                  f"working {m['working_mib']:6.1f} MiB  peak RSS {m['peak_rss_mib']:6.1f} MiB", flush=True)
-    med = {rt: {k: statistics.median(m[k] for m in ms) for k in ("img_per_s", "batch_s", "cpu_s", "working_mib", "peak_rss_mib")}
-           for rt, ms in runs.items()}
+    med = alternate(("numpy", "torch"), args.rounds, lambda runtime: spawn(runtime, args),
+                    lambda m: f"{m['img_per_s']:7.1f} img/s  (cpu {m['cpu_s'] * 1000:6.1f} ms/batch)  "
+                              f"working {m['working_mib']:6.1f} MiB  peak RSS {m['peak_rss_mib']:6.1f} MiB",
+                    ("img_per_s", "batch_s", "cpu_s", "working_mib", "peak_rss_mib"))
     return {
         "variant": args.variant, "batch": args.batch, "resolution": args.resolution, "threads": 1,
         "rounds": args.rounds, "iters": args.iters, "machine": machine(),
@@ -234,11 +258,7 @@ def machine() -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.numpy_speed", description=__doc__.splitlines()[0])
-    p.add_argument("--variant", default="s1")
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--resolution", type=int, default=224)
-    p.add_argument("--rounds", type=int, default=5, help="numpy/torch pairs, alternating (default 5)")
-    p.add_argument("--iters", type=int, default=3, help="timed batches per process after one warm-up (default 3)")
+    comparison_args(p, ("numpy", "torch"), iters=3)
     p.add_argument("--save", action="store_true", help=f"write the figures to {RESULTS.relative_to(RESULTS.parent.parent.parent)}")
     p.add_argument("--breakdown", action="store_true", help="time the NumPy model's operations by kind instead")
     p.add_argument("--worker", choices=["numpy", "torch"], help=argparse.SUPPRESS)
@@ -265,9 +285,7 @@ def main(argv=None) -> int:
     print(f"  peak RSS:       numpy {n['peak_rss_mib']:.1f} MiB, torch {t['peak_rss_mib']:.1f} MiB, ratio {res['peak_rss_ratio']:.2f}")
     print(f"  load average {res['load_average'][0]} -> {res['load_average'][1]} on {os.cpu_count()} cores ({res['machine']})")
     if args.save:
-        RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        RESULTS.write_text(json.dumps(res, indent=2) + "\n")
-        print(f"saved {RESULTS}")
+        save(res, RESULTS)
     return 0
 
 

@@ -118,15 +118,12 @@ def compile_times(args, weights: Path) -> dict:
 
 
 def compare(args, weights: Path) -> dict:
-    runs = {"tiny": [], "torch": []}
-    for r in range(args.rounds):
-        for runtime in ("tiny", "torch") if r % 2 == 0 else ("torch", "tiny"):
-            runs[runtime].append(spawn(runtime, args, weights))
-            m = runs[runtime][-1]
-            print(f"round {r + 1} {runtime:5s} {m['img_per_s']:7.1f} img/s  ({1000 * m['batch_s']:6.1f} ms/batch, "
-                  f"min {1000 * m['batch_min_s']:6.1f}, cpu {1000 * m['cpu_s']:6.1f})", flush=True)
-    keys = ("img_per_s", "batch_s", "batch_min_s", "cpu_s", "first_call_s", "load_s")
-    return {rt: {k: statistics.median(m[k] for m in ms) for k in keys} for rt, ms in runs.items()}
+    from benchmarks.numpy_speed import alternate
+
+    return alternate(("tiny", "torch"), args.rounds, lambda runtime: spawn(runtime, args, weights),
+                     lambda m: f"{m['img_per_s']:7.1f} img/s  ({1000 * m['batch_s']:6.1f} ms/batch, "
+                               f"min {1000 * m['batch_min_s']:6.1f}, cpu {1000 * m['cpu_s']:6.1f})",
+                     ("img_per_s", "batch_s", "batch_min_s", "cpu_s", "first_call_s", "load_s"))
 
 
 def beam(args, weights: Path) -> dict:
@@ -154,12 +151,10 @@ def machine() -> str:
 
 
 def main(argv=None) -> int:
+    from benchmarks.numpy_speed import comparison_args, save
+
     p = argparse.ArgumentParser(prog="python -m benchmarks.tiny_speed", description=__doc__.splitlines()[0])
-    p.add_argument("--variant", default="s1")
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--resolution", type=int, default=224)
-    p.add_argument("--rounds", type=int, default=5, help="tiny/torch pairs, alternating (default 5)")
-    p.add_argument("--iters", type=int, default=5, help="timed batches per process after the warm-up (default 5)")
+    comparison_args(p, ("tiny", "torch"), iters=5)
     p.add_argument("--core", type=int, default=0, help="the core the one-core runs are pinned to (default 0)")
     p.add_argument("--beam", type=int, default=0, metavar="N", help="also time tinygrad's BEAM=N kernel search")
     p.add_argument("--no-compile", action="store_true", help="skip the cold/warm compile-time runs")
@@ -187,9 +182,7 @@ def main(argv=None) -> int:
     print(f"  tiny (CPU, JIT) {t['img_per_s']:7.1f} img/s   torch (folded, eval) {r['img_per_s']:7.1f} img/s   "
           f"ratio {res['throughput_ratio']:.2f}x (CPU time {res['cpu_time_ratio']:.2f}x)")
     if args.save:
-        RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        RESULTS.write_text(json.dumps(res, indent=2) + "\n")
-        print(f"saved {RESULTS}")
+        save(res, RESULTS)
     return 0
 
 
