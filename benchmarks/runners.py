@@ -46,10 +46,10 @@ class Runtime:
     imports: tuple[str, ...]  # imported before the memory baseline is taken
 
 
-def need(module: str, hint: str):
-    """Import ``module`` or raise ``Unavailable`` with the import's own one-line reason."""
+def need(module: str, hint: str, importer=importlib.import_module):
+    """Import ``module`` (with ``importer``) or raise ``Unavailable`` with the import's own one-line reason."""
     try:
-        return importlib.import_module(module)
+        return importer(module)
     except Exception as e:  # a broken dependency raises more than ImportError (timm: torchvision)
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise Unavailable(f"{module} does not import here ({first[:120]}); {hint}") from None
@@ -139,13 +139,10 @@ def load_timm(setup):
     """timm's own SHViT with the same weights (canonical names are timm's), folded with timm's
     ``fuse()`` and traced like ours: the reference the first speed floor compares with."""
     torch = need("torch", "pip install torch")
-    try:
-        from .standin import import_timm
+    from .standin import import_timm
 
-        timm, _ = import_timm()  # with an inert torchvision where PyPI's does not load (see standin.py)
-    except Exception as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise Unavailable(f"timm does not import here ({first[:120]}); pip install --no-deps timm (make install does)") from None
+    # with an inert torchvision where PyPI's does not load (see standin.py)
+    timm = need("timm", "pip install --no-deps timm (make install does)", lambda _: import_timm()[0])
     from shvit_numpy.weights import load_weights
 
     w = load_weights(setup.weights)
