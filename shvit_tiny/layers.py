@@ -97,13 +97,13 @@ def taps(x: Tensor, k: int, stride: int, padding: int):
 # tinygrad's own kernel heuristic tiles a matrix product 4 x 4 (4 rows x one float4) and reaches
 # about 30 GFLOPS on one core here. The three custom kernels below state the same sums in
 # tinygrad's UOp language with a wider register tile (8 rows x 16 output channels, 32 when
-# compiling for AVX-512: many accumulators per loaded value); a dense 3x3 convolution reads its windows and its zero padding
-# straight from the map (no im2col or padded copy), and bias, ReLU and residual are applied before
-# the store. tinygrad's C code then moves 4 floats at a time; wide_vectors.py widens these
-# kernels' loads and stores to 8 (16 on AVX-512), so clang multiplies in 256-bit (512-bit)
-# registers: the products run at 120-200 GFLOPS (60 with 4-float vectors). Together: the CPU
-# device ~5x faster than with the generic ops. Other devices (GPUs, OpenCL) and float16 keep tinygrad's generic ops, which it
-# tiles itself.
+# compiling for AVX-512: many accumulators per loaded value); a dense 3x3 convolution reads its
+# windows and its zero padding straight from the map (no im2col or padded copy), and bias, ReLU
+# and residual are applied before the store. tinygrad's C code then moves 4 floats at a time;
+# wide_vectors.py widens these kernels' loads and stores to 8 (16 on AVX-512), so clang
+# multiplies in 256-bit (512-bit) registers: the products run at 120-200 GFLOPS (60 with 4-float
+# vectors). S1 on one core: ~35 img/s with the generic ops, ~230 with these. Other devices (GPUs,
+# OpenCL) and float16 keep tinygrad's generic ops, which it tiles itself.
 
 def use_cpu_kernels(*ts: Tensor) -> bool:
     return all(t.device == "CPU" and t.dtype == dtypes.float32 for t in ts)
@@ -427,9 +427,9 @@ class SqueezeExcite(Module):
 
     def forward(self, x):  # (B, H, W, C)
         s = x.mean(axis=(1, 2), keepdim=True)  # (B, 1, 1, C)
-        gate = self.fc2(self.fc1(s).relu()).sigmoid().contiguous()  # (B, 1, 1, C): realised once,
-        # else tinygrad recomputes the sigmoid for every pixel of the product below (1.4 ms of 77)
-        # realised: fused into the next product, the per-image gate made it 4x slower
+        # the gate realised once per image: else tinygrad recomputes the sigmoid for every pixel
+        gate = self.fc2(self.fc1(s).relu()).sigmoid().contiguous()  # (B, 1, 1, C)
+        # the gated map realised too: fused into the next product, the gating made it 4x slower
         return (x * gate).contiguous()
 
 
