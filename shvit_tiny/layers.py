@@ -25,6 +25,23 @@ from tinygrad.codegen.opt import Opt, OptOps
 from tinygrad.uop.ops import AxisType, KernelInfo
 
 _CHANNELS_LAST = contextvars.ContextVar("shvit_tiny_channels_last", default=False)
+_DEVICE = contextvars.ContextVar("shvit_tiny_device", default=None)
+
+
+@contextlib.contextmanager
+def building_on(device: str | None):
+    """Layers made inside this block hold their initial weights on ``device`` (None: tinygrad's
+    default, which tinygrad finds by opening every backend it knows: ~0.5 s)."""
+    token = _DEVICE.set(device)
+    try:
+        yield
+    finally:
+        _DEVICE.reset(token)
+
+
+def param(*shape: int, fill: float = 0.0) -> Tensor:
+    """A weight's initial value, a constant (``load_state`` replaces it), on the building device."""
+    return Tensor.full(shape, fill, device=_DEVICE.get())
 
 
 @contextlib.contextmanager
@@ -269,8 +286,8 @@ class Conv2d(Module):
 
     def __init__(self, cin, cout, k=1, stride=1, padding=0, groups=1, bias=False):
         self.stride, self.padding, self.groups = stride, padding, groups
-        self.weight = Tensor.zeros(cout, cin // groups, k, k)
-        self.bias = Tensor.zeros(cout) if bias else None
+        self.weight = param(cout, cin // groups, k, k)
+        self.bias = param(cout) if bias else None
         self.w_mat = None  # the weight as forward() multiplies by it, cached by prepare()
 
     def matrix(self) -> Tensor:
@@ -295,8 +312,8 @@ class BatchNorm2d(Module):
     """Inference BatchNorm: y = (x - mean) * g / sqrt(var + eps) + beta, per channel (last axis)."""
 
     def __init__(self, c, eps=1e-5):
-        self.weight, self.bias = Tensor.ones(c), Tensor.zeros(c)
-        self.running_mean, self.running_var = Tensor.zeros(c), Tensor.ones(c)
+        self.weight, self.bias = param(c, fill=1.0), param(c)
+        self.running_mean, self.running_var = param(c), param(c, fill=1.0)
         self.eps = eps
 
     def scale_shift(self):
@@ -375,7 +392,7 @@ class GroupNorm(Module):
     affine. Computed in float32 even when the model runs in float16."""
 
     def __init__(self, c, eps=1e-5):
-        self.weight, self.bias, self.eps = Tensor.ones(c), Tensor.zeros(c), eps
+        self.weight, self.bias, self.eps = param(c, fill=1.0), param(c), eps
 
     def forward(self, x):  # (B, H, W, C)
         h = x.float()
@@ -478,7 +495,7 @@ class Stage(Module):
 
 class Linear(Module):
     def __init__(self, cin, cout):
-        self.weight, self.bias = Tensor.zeros(cout, cin), Tensor.zeros(cout)
+        self.weight, self.bias = param(cout, cin), param(cout)
         self.w_mat = None  # weight.T, cached by prepare()
 
     def prepare(self):

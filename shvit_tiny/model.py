@@ -7,21 +7,34 @@ Repeated calls with one input shape replay a TinyJit capture (one per shape).
 """
 from __future__ import annotations
 
-import json
-from pathlib import Path
+import hashlib
 
 import numpy as np
 from tinygrad import Tensor, TinyJit, dtypes
-from tinygrad.nn.state import safe_load, safe_load_metadata
+from tinygrad.dtype import _from_np_dtype
 
 from shvit_numpy.checks import check_array, check_input
-from shvit_numpy.config import SHViTConfig, default_resolution, se_channels
-from shvit_numpy.errors import ShvitError
-from shvit_numpy.names import authors_to_canonical, check_state, detect_format, infer_config, state_shapes
-from shvit_numpy.weights import read_safetensors
+from shvit_numpy.config import SHViTConfig, se_channels
+from shvit_numpy.names import state_shapes
+from shvit_numpy.weights import load_weights
 
+from . import cache as _cache
 from .devices import compile_context
-from .layers import FFN, BasicBlock, ConvBN, Module, NormLinear, PatchMerging, ReLU, Residual, Stage, channels_last, fuse, tensors
+from .layers import (
+    FFN,
+    BasicBlock,
+    ConvBN,
+    Module,
+    NormLinear,
+    PatchMerging,
+    ReLU,
+    Residual,
+    Stage,
+    building_on,
+    channels_last,
+    fuse,
+    tensors,
+)
 from .layers import prepare as prepare_tree
 
 
@@ -51,6 +64,7 @@ class SHViT(Module):
         self.head = NormLinear(cfg.embed_dim[2], cfg.num_classes)
         self.head_dist = NormLinear(cfg.embed_dim[2], cfg.num_classes) if cfg.distillation else None
         self._jits: dict[tuple, TinyJit] = {}
+        self.weights_id = None  # set by load(): names these weights in the compiled-model cache
 
     def children(self):
         yield from ((k, v) for k, v in super().children() if v is not None)
@@ -101,6 +115,7 @@ class SHViT(Module):
         the JIT captures made with the old weights are dropped."""
         Tensor.realize(*tensors(self))
         self._jits.clear()
+        self.weights_id = None  # new weights: no longer those of the file load() read
         return self
 
     # -- forward ------------------------------------------------------------------------------------
@@ -134,11 +149,32 @@ class SHViT(Module):
         return self.forward_head(self.forward_features(x.cast(self.dtype))).float()
 
     def _jitted(self, x: Tensor) -> Tensor:
+        """The forward pass as a TinyJit capture, one per input shape: from the compiled-model
+        cache when it has one (see cache.py), else captured on this first call and saved there."""
         key = (x.shape, x.dtype, x.device)
-        if key not in self._jits:
-            self._jits[key] = TinyJit(lambda t: self.forward(t).realize())
-        with compile_context(self.device):  # the first two calls compile and capture; later ones replay
-            return self._jits[key](x)
+        jit, parts = self._jits.get(key), None
+        if jit is None:
+            parts = self.cache_parts(x)
+            jit = _cache.fetch(parts) if parts is not None else None
+            if jit is None:
+                jit = TinyJit(lambda t: self.forward(t).realize())
+                jit.cnt = 1  # capture on the first call: the weights are realised, nothing one-off to leave out
+            else:
+                parts = None  # loaded: nothing to save
+            self._jits[key] = jit
+        with compile_context(self.device):
+            y = jit(x)
+        if parts is not None:
+            y = Tensor(y.numpy(), device=self.device)  # saving frees the capture's own buffers, its output's too
+            _cache.store(parts, jit)
+        return y
+
+    def cache_parts(self, x: Tensor) -> dict | None:
+        """This model's and input's compiled-model cache key, or None where it does not apply
+        (turned off, or weights that are not a file's as ``load`` read it)."""
+        if self.weights_id is None or not _cache.enabled():
+            return None
+        return _cache.key_parts(self.weights_id, x.shape, x.dtype.name, self.device)
 
     def __call__(self, x, jit: bool = True):
         """numpy (B, 3, H, W) float32 -> numpy logits; a Tensor -> a Tensor. Any H and W."""
@@ -162,46 +198,85 @@ def _cast_tree(module, dtype):
             _cast_tree(value, dtype)
 
 
-def read_state(path: Path, device: str) -> tuple[SHViTConfig, dict[str, Tensor], list | None, int | None]:
-    """tinygrad's own ``safe_load``: tensors land on ``device`` (float32); config from the metadata
-    or, for timm's files, inferred from the shapes."""
-    path = Path(path)
-    if not path.is_file():
-        raise ShvitError(f"weight file not found: {path}")
-    if path.suffix in (".pth", ".pt", ".bin", ".tar"):
-        raise ShvitError(f"{path} is a torch pickle; convert it first: python -m shvit_torch.convert {path} model.safetensors")
-    read_safetensors_header(path)
-    meta = safe_load_metadata(str(path))[2].get("__metadata__") or {}
-    raw = safe_load(str(path))
-    state = {k.removeprefix("module."): v for k, v in raw.items() if not k.endswith("num_batches_tracked")}
-    if detect_format(state) == "authors":
-        state = {authors_to_canonical(k): v for k, v in state.items()}
-    state = {k: (v.reshape(*v.shape, 1, 1) if v.ndim == 2 and k.endswith((".c.weight", ".fc1.weight", ".fc2.weight")) else v)
-             for k, v in state.items()}
-    cfg = SHViTConfig.from_json(meta["shvit_config"]) if "shvit_config" in meta else infer_config({k: v.shape for k, v in state.items()})
-    check_state(state, cfg)
-    labels = json.loads(meta["shvit_labels"]) if "shvit_labels" in meta else None
-    resolution = int(meta["shvit_resolution"]) if "shvit_resolution" in meta else None
-    state = {k: v.to(device).cast(dtypes.float32) for k, v in state.items()}  # lazy: load() realises all at once
-    return cfg, state, labels, resolution
+def copy_host(tiny, host, device: str, dtype) -> None:
+    """Set every array of the numpy layer tree ``host`` on the same attribute of ``tiny`` (the
+    two mirror each other attribute for attribute), as a ``device`` Tensor of ``dtype``; each
+    convolution's and linear layer's product layout (``w_mat``) is made on the host too."""
+    for name, value in vars(host).items():
+        if isinstance(value, np.ndarray):
+            setattr(tiny, name, device_tensor(value.astype(dtype.fmt), device))
+    if hasattr(tiny, "w_mat"):
+        tiny.w_mat = device_tensor(host_matrix(tiny, host).astype(dtype.fmt), device)
+    for name, child in host.children():
+        if isinstance(child, list):
+            for h, t in zip(child, getattr(tiny, name)):
+                copy_host(t, h, device, dtype)
+        else:
+            copy_host(getattr(tiny, name), child, device, dtype)
 
 
-def read_safetensors_header(path: Path) -> None:
-    """Reject a truncated or malformed file with the library's error before tinygrad reads it
-    (the numpy reader checks the header, every offset and every dtype)."""
-    read_safetensors(path)
+def device_tensor(a: np.ndarray, device: str) -> Tensor:
+    """A realised ``device`` Tensor holding ``a``: its buffer is allocated and the bytes copied in
+    directly (``Tensor(a)`` would schedule a copy kernel per tensor: ~5x slower for ~500 weights)."""
+    a = np.ascontiguousarray(a)
+    t = Tensor.empty(*a.shape, device=device, dtype=_from_np_dtype(a.dtype))
+    buf = t.uop.buffer.ensure_allocated()
+    buf.allocator._copyin(buf._buf, memoryview(a.reshape(-1)).cast("B"))
+    return t
 
 
-def load(path, device: str | None = None, half: bool = False, fold: bool = True) -> SHViT:
-    """A canonical or timm ``.safetensors`` file -> model on ``device`` (tinygrad's default if None)."""
+def host_matrix(tiny, host) -> np.ndarray:
+    """numpy twin of ``Conv2d.matrix`` / ``Linear.prepare``: the weight in the layout its product reads."""
+    w = host.weight
+    if w.ndim == 2:  # Linear: weight.T
+        return w.T
+    cout, cin_g, k, _ = w.shape
+    return w.transpose(2, 3, 1, 0).reshape(k * k * cin_g, cout) if tiny.groups == 1 else w.reshape(cout, k * k).T
+
+
+def from_host(host, device: str, half: bool = False) -> SHViT:
+    """A shvit_numpy model (folded or not) -> the same model in tinygrad on ``device``.
+
+    Folding, the float16 cast and the product layouts are done once on the host in numpy
+    (shvit_numpy's ``fuse``: the same equations as ``SHViT.fuse`` here). Done by tinygrad they
+    are ~600 one-off kernels (S1), each lowered and compiled: seconds of every first run."""
+    with building_on(device):
+        model = SHViT(host.config)
+        if not hasattr(host.patch_embed[0], "bn"):  # the host model is folded: take the folded structure
+            model.fuse(ready=False)
+    model.dtype = dtypes.float16 if half else dtypes.float32
+    for name, child in host.children():
+        if isinstance(child, list):
+            for h, t in zip(child, getattr(model, name)):
+                copy_host(t, h, device, model.dtype)
+        else:
+            copy_host(getattr(model, name), child, device, model.dtype)
+    model.labels, model.resolution, model.device = host.labels, host.resolution, device
+    model._jits.clear()
+    return model
+
+
+def load(path, device: str | None = None, half: bool = False, fold: bool = True, cache: bool = True) -> SHViT:
+    """A canonical or timm ``.safetensors`` file -> model on ``device`` (tinygrad's default if None).
+
+    The file is read and checked by shvit_numpy (every format it reads, the same errors), folded
+    there unless ``fold=False``, and copied to the device in one step (see ``from_host``).
+    ``cache``: keep and reuse compiled captures on disk (cache.py; also off with SHVIT_CACHE=0)."""
+    from shvit_numpy.model import from_weights
+
     from .devices import resolve_device
 
     device = resolve_device(device)
-    cfg, state, labels, resolution = read_state(Path(path), device)
-    model = SHViT(cfg).load_state(state)
-    model.labels, model.resolution, model.device = labels, resolution or default_resolution(cfg), device
-    if fold:
-        model.fuse(ready=False)
-    if half:
-        model.half(ready=False)
-    return model.prepare().realize()  # one schedule for every weight kernel
+    weights = load_weights(path)
+    model = from_host(from_weights(weights, fold=fold), device, half)
+    model.weights_id = weights_digest(path, fold, half) if cache and _cache.enabled() else None
+    return model
+
+
+def weights_digest(path, fold: bool, half: bool) -> str:
+    """What the loaded weights are, for the compiled-model cache: the file's SHA-256 + how it was loaded."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return f"{h.hexdigest()}-fold{int(fold)}-half{int(half)}"

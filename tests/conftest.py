@@ -22,6 +22,10 @@ settings.register_profile("thorough", max_examples=200, **_common)
 settings.register_profile("plant", max_examples=8, derandomize=True, phases=[Phase.explicit, Phase.reuse, Phase.generate], **_common)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev"))
 
+# The compiled-model cache (shvit_tiny/cache.py) stays off: every test compiles as a fresh machine
+# would and nothing is written to the user's ~/.cache; tests/test_cache.py turns it on in a temp folder.
+os.environ["SHVIT_CACHE"] = "0"
+
 if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test` runs two workers on two cores: one thread each
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # also for the CLIs the tests start
     import torch

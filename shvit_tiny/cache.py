@@ -1,0 +1,279 @@
+"""A persistent cache of captured models: a new process answers without tinygrad's code generation.
+
+tinygrad keeps compiled binaries on disk (its CACHEDB) but redoes, in every new process, the
+Python-side work before them: scheduling the graph, lowering each kernel, memory planning. For
+S1 that is most of a first call's ~10-30 s. A captured ``TinyJit`` holds the finished result
+(its kernels' binaries, the planned buffers, the weights), and tinygrad 0.14 can pickle it; so
+the first run of a key saves the capture here and later runs load it and answer at once.
+
+Key: the weight file's content and how it was loaded (fold, half), the input shape and dtype,
+the device with its renderer/arch targets (and, for the CPU, the processor: the binaries are
+built with ``-march=native``), the tinygrad and Python versions, tinygrad's code-generation
+settings (BEAM, NOOPT, ...) and this package's own source.
+
+Where: ``$XDG_CACHE_HOME/shvit`` (default ``~/.cache/shvit``), the folder 0700 and each file
+0600, written atomically (temporary file + rename: two processes filling one key both succeed
+and leave one good file), at most ``SHVIT_CACHE_MB`` megabytes (default 2048; the entries used
+longest ago go first). ``SHVIT_CACHE=0`` or ``--no-cache`` turns it off; clearing it is
+``rm -r ~/.cache/shvit``.
+
+Safety: unpickling runs code, so an entry is read only from a folder owned by this user that
+no one else may write to, and only if the file is this user's and not group/world writable;
+otherwise the cache is not used (one line says why). A truncated, corrupt, foreign-version or
+mismatched entry gives one line on stderr, is deleted and rebuilt: never a crash or a wrong answer.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import io
+import json
+import os
+import pickle
+import platform
+import stat
+import sys
+import tempfile
+from pathlib import Path
+
+FORMAT = 1  # bump when what an entry holds changes
+MAGIC = b"shvit-tinyjit\n"
+_WARNED: set[str] = set()
+
+
+def enabled() -> bool:
+    return os.environ.get("SHVIT_CACHE", "1").strip().lower() not in ("0", "false", "no", "off", "")
+
+
+def directory() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "shvit"
+
+
+def max_bytes() -> int:
+    try:
+        return int(float(os.environ.get("SHVIT_CACHE_MB", "2048")) * 2**20)
+    except ValueError:
+        return 2048 * 2**20
+
+
+def notice(msg: str) -> None:
+    """One line on stderr, once per process and message."""
+    if msg not in _WARNED:
+        _WARNED.add(msg)
+        print(f"shvit: {msg}", file=sys.stderr)
+
+
+# ---- the key ------------------------------------------------------------------------------------
+
+@functools.cache
+def source_digest() -> str:
+    """This package's own code: a change to any of its files changes the kernels it builds."""
+    h = hashlib.sha256()
+    for p in sorted(Path(__file__).parent.glob("*.py")):
+        h.update(p.name.encode() + b"\0" + p.read_bytes())
+    return h.hexdigest()[:16]
+
+
+@functools.cache
+def processor() -> str:
+    """What the CPU device's ``-march=native`` binaries depend on: the model name and flags."""
+    info = platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            lines = [ln for ln in f if ln.startswith(("model name", "flags", "Features", "CPU part"))]
+        info += "".join(dict.fromkeys(lines))  # the first core's lines (the others repeat them)
+    except OSError:
+        info += platform.processor()
+    return hashlib.sha256(info.encode()).hexdigest()[:16]
+
+
+def key_parts(weights_id: str, shape: tuple, dtype: str, device: str) -> dict:
+    import tinygrad
+    from tinygrad.helpers import BEAM, DEV, NOOPT, getenv
+
+    parts = {
+        "format": FORMAT, "weights": weights_id, "shape": list(shape), "dtype": dtype, "device": device,
+        "targets": repr(DEV), "tinygrad": getattr(tinygrad, "__version__", "") or _tinygrad_version(),
+        "python": platform.python_version(), "shvit_tiny": source_digest(),
+        "settings": {"BEAM": BEAM.value, "NOOPT": NOOPT.value, "JITBEAM": getenv("JITBEAM", 0), "CC": os.environ.get("CC", "")},
+    }
+    if device.split(":")[0] == "CPU":
+        parts["processor"] = processor()
+    return parts
+
+
+def _tinygrad_version() -> str:
+    from importlib.metadata import version
+
+    return version("tinygrad")
+
+
+def key_of(parts: dict) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:40]
+
+
+# ---- the folder and its safety ------------------------------------------------------------------
+
+def unsafe_reason(path: Path, st: os.stat_result, what: str) -> str | None:
+    if hasattr(os, "getuid") and st.st_uid != os.getuid():
+        return f"{what} {path} belongs to another user"
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        return f"{what} {path} is group/world writable (chmod go-w it)"
+    return None
+
+
+def safe_directory(create: bool) -> Path | None:
+    """The cache folder, made 0700 if missing; None (with one line) if it may not be trusted."""
+    d = directory()
+    try:
+        if create and not d.is_dir():
+            d.mkdir(mode=0o700, parents=True, exist_ok=True)
+            os.chmod(d, 0o700)  # whatever the umask
+        st = os.stat(d, follow_symlinks=False)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        notice(f"compiled-model cache not used: {d}: {e.strerror}")
+        return None
+    if not stat.S_ISDIR(st.st_mode):
+        notice(f"compiled-model cache not used: {d} is not a folder")
+        return None
+    if (why := unsafe_reason(d, st, "folder")) is not None:
+        notice(f"compiled-model cache not used: {why}")
+        return None
+    return d
+
+
+# ---- reading and writing ------------------------------------------------------------------------
+
+def entry_path(d: Path, key: str) -> Path:
+    return d / f"{key}.jit"
+
+
+def encode(parts: dict, payload: bytes) -> bytes:
+    """MAGIC, one JSON line (format, key parts, payload size and SHA-256), then the pickle."""
+    header = {"format": FORMAT, "parts": parts, "size": len(payload), "sha256": hashlib.sha256(payload).hexdigest()}
+    return MAGIC + json.dumps(header, sort_keys=True).encode() + b"\n" + payload
+
+
+def decode(data: bytes, parts: dict) -> bytes:
+    """The payload of an entry written by ``encode`` for ``parts``; ValueError saying what is wrong."""
+    if not data.startswith(MAGIC):
+        raise ValueError("corrupt (not a shvit cache entry)")
+    line, sep, payload = data[len(MAGIC):].partition(b"\n")
+    try:
+        header = json.loads(line) if sep else None
+    except ValueError:
+        header = None
+    if not isinstance(header, dict):
+        raise ValueError("truncated or corrupt header")
+    if header.get("format") != FORMAT:
+        raise ValueError(f"written by another version (format {header.get('format')!r}, this is {FORMAT})")
+    if header.get("parts") != parts:
+        raise ValueError("made for another model, input or setup")
+    if len(payload) != header.get("size"):
+        raise ValueError(f"truncated ({len(payload)} of {header.get('size')} bytes)")
+    if hashlib.sha256(payload).hexdigest() != header.get("sha256"):
+        raise ValueError("corrupt (checksum differs)")
+    return payload
+
+
+def fetch(parts: dict):
+    """The captured TinyJit saved for ``parts``, or None (missing, refused or bad: then rebuilt)."""
+    d = safe_directory(create=False)
+    if d is None:
+        return None
+    path = entry_path(d, key_of(parts))
+    try:
+        with open(path, "rb") as f:
+            st = os.fstat(f.fileno())
+            if (why := unsafe_reason(path, st, "file")) is not None:
+                notice(f"compiled-model cache entry not used: {why}")
+                return None
+            data = f.read()
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        notice(f"compiled-model cache entry {path.name} unreadable ({e.strerror}); compiling instead")
+        return None
+    try:
+        jit = Unpickler(io.BytesIO(decode(data, parts))).load()
+        if getattr(jit, "captured", None) is None:
+            raise ValueError("corrupt (no captured model inside)")
+    except Exception as e:  # anything a damaged pickle raises: report, drop, rebuild
+        reason = str(e) if isinstance(e, ValueError) else f"corrupt ({type(e).__name__})"
+        discard(path, reason)
+        return None
+    with _quiet():
+        os.utime(path)  # most recently used: the last to be evicted
+    return jit
+
+
+class Unpickler(pickle.Unpickler):
+    """Classes only from tinygrad and plain data types from builtins. The folder's ownership is
+    what makes an entry trusted; this narrows what even a damaged entry can name."""
+
+    BUILTINS = {"bytearray", "bytes", "set", "frozenset", "slice", "range", "complex", "tuple", "list", "dict", "int", "float",
+                "bool", "str"}
+
+    def find_class(self, module: str, name: str):
+        if not (module.startswith("tinygrad.") or (module == "builtins" and name in self.BUILTINS)):
+            raise pickle.UnpicklingError(f"global {module}.{name} is not allowed")
+        return super().find_class(module, name)
+
+
+def discard(path: Path, reason: str) -> None:
+    notice(f"compiled-model cache entry {path.name} is {reason}; rebuilding it")
+    with _quiet():
+        path.unlink()
+
+
+def store(parts: dict, jit) -> Path | None:
+    """Save a captured TinyJit for ``parts`` atomically, then keep the folder under its size bound."""
+    d = safe_directory(create=True)
+    if d is None:
+        return None
+    jit.captured.free_intermediates()  # the planned scratch buffers are not saved, only their sizes
+    data = encode(parts, pickle.dumps(jit, protocol=pickle.HIGHEST_PROTOCOL))
+    path = entry_path(d, key_of(parts))
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=d)  # 0600
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)  # atomic: a reader sees the old entry, or none, or this one
+    except OSError as e:
+        notice(f"compiled-model cache not written: {e.strerror}")
+        return None
+    finally:
+        with _quiet():
+            os.unlink(tmp)
+    evict(d, max_bytes())
+    return path
+
+
+def evict(d: Path, limit: int) -> list[Path]:
+    """Delete the least recently used entries until the folder holds at most ``limit`` bytes."""
+    entries = []
+    for p in d.glob("*.jit"):
+        with _quiet():
+            st = p.stat()
+            entries.append((st.st_mtime, st.st_size, p))
+    entries.sort()
+    total, gone = sum(size for _, size, _ in entries), []
+    for _, size, p in entries[:-1]:  # the newest entry always stays
+        if total <= limit:
+            break
+        with _quiet():
+            p.unlink()
+            gone.append(p)
+        total -= size
+    return gone
+
+
+def _quiet():
+    """Ignore a file that vanished or could not be touched (another process got there first)."""
+    return contextlib.suppress(OSError)
