@@ -1,9 +1,10 @@
 """The SHViT model in tinygrad: build from a config, load canonical weights, fold, run (JIT).
 
-``load(path, device)`` reads a canonical or timm ``.safetensors`` file with tinygrad's own
-``safe_load`` straight onto the device, folds every BatchNorm in float32, and optionally casts
-to float16. Calling the model with a numpy array returns numpy logits; with a Tensor, a Tensor.
-Repeated calls with one input shape replay a TinyJit capture (one per shape).
+``load(path, device)`` reads a weight file with shvit_numpy (every format it knows), folds every
+BatchNorm in float32 and lays each weight out for its product on the host, optionally casts to
+float16, and copies the result to the device. Calling the model with a numpy array returns numpy
+logits; with a Tensor, a Tensor. Each input shape is captured once by TinyJit (on its first call)
+and replayed after; captures persist across processes in the compiled-model cache (cache.py).
 """
 from __future__ import annotations
 
