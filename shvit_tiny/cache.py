@@ -90,12 +90,12 @@ def processor() -> str:
 
 
 def key_parts(weights_id: str, shape: tuple, dtype: str, device: str) -> dict:
-    import tinygrad
     from tinygrad.helpers import BEAM, DEV, NOOPT, getenv
 
     parts = {
         "format": FORMAT, "weights": weights_id, "shape": list(shape), "dtype": dtype, "device": device,
-        "targets": repr(DEV), "tinygrad": getattr(tinygrad, "__version__", "") or _tinygrad_version(),
+        "target": repr(DEV.target(device.split(":")[0])),  # this device's renderer/arch (DEV=CPU:LLVM, ...)
+        "tinygrad": tinygrad_version(),
         "python": platform.python_version(), "shvit_tiny": source_digest(),
         "settings": {"BEAM": BEAM.value, "NOOPT": NOOPT.value, "JITBEAM": getenv("JITBEAM", 0), "CC": os.environ.get("CC", "")},
     }
@@ -104,7 +104,8 @@ def key_parts(weights_id: str, shape: tuple, dtype: str, device: str) -> dict:
     return parts
 
 
-def _tinygrad_version() -> str:
+@functools.cache
+def tinygrad_version() -> str:
     from importlib.metadata import version
 
     return version("tinygrad")
