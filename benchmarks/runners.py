@@ -78,14 +78,19 @@ class TorchRunner:
             xt = xt.half()
         fmt = torch.channels_last if self.channels_last else torch.contiguous_format
         sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+        module = self.module_for(xt.contiguous(memory_format=fmt))
 
         def call():
             with torch.inference_mode():
-                y = self.module(xt.contiguous(memory_format=fmt))  # the channels-last copy is part of the cost
+                y = module(xt.contiguous(memory_format=fmt))  # the channels-last copy is part of the cost
             sync()
             return y
 
         return call
+
+    def module_for(self, example):
+        """The module that runs batches shaped like ``example`` (TracedRunner traces one)."""
+        return self.module
 
 
 def torch_model(setup: Setup, fold: bool = True):
@@ -93,16 +98,6 @@ def torch_model(setup: Setup, fold: bool = True):
     shvit_torch = need("shvit_torch", "pip install -e .[torch]")
     model = shvit_torch.load(setup.weights)
     return model.fuse() if fold else model
-
-
-def trace(module, setup: Setup):
-    """torch.jit.trace on an example batch, then torch.jit.freeze (constants inlined, conv+add fused)."""
-    import torch
-
-    r = 224 if setup.variant != "s4" else 256
-    example = torch.zeros(2, 3, r, r, device=setup.device, dtype=torch.float16 if setup.half else torch.float32)
-    with torch.no_grad():
-        return torch.jit.freeze(torch.jit.trace(module.eval(), example, check_trace=False))
 
 
 def load_torch_eager(setup):
@@ -117,22 +112,32 @@ def load_torch_channels_last(setup):
     return TorchRunner(torch_model(setup), setup, channels_last=True)
 
 
-class TracedRunner(TorchRunner):
-    """Trace after moving to the device and dtype (a traced module keeps the dtype it saw)."""
+class FastRunner(TorchRunner):
+    """``shvit_torch.optimize()``, the user-facing fast path, called as a user calls it: its input
+    check and channels-last copy are in the timed call; its per-shape trace or compile is the first call."""
 
-    def __init__(self, module, setup: Setup):
-        super().__init__(module, setup)
-        self.module = trace(self.module, setup)
+    def __init__(self, setup: Setup, mode: str):
+        super().__init__(torch_model(setup), setup)  # folded in float32, then moved to the device and dtype
+        self.module = need("shvit_torch", "pip install -e .[torch]").optimize(self.module, mode=mode)
 
 
 def load_torch_traced(setup):
-    return TracedRunner(torch_model(setup), setup)
+    return FastRunner(setup, "trace")
 
 
 def load_torch_compile(setup):
-    runner = TorchRunner(torch_model(setup), setup)
-    runner.module = runner.torch.compile(runner.module)  # inductor; compiles at the first call (warm-up)
-    return runner
+    return FastRunner(setup, "compile")  # inductor; compiles at the first call (warm-up)
+
+
+class TracedRunner(TorchRunner):
+    """timm's model traced and frozen as ``shvit_torch.optimize()`` traces ours (``trace_frozen``), on a
+    batch of the shape it will run (a trace is only promised for the shape it saw), after moving to the
+    device and dtype (a traced module keeps the dtype it saw)."""
+
+    def module_for(self, example):
+        from shvit_torch.fast import trace_frozen
+
+        return trace_frozen(self.module, example)
 
 
 def load_timm(setup):
@@ -242,10 +247,10 @@ RUNTIMES = {r.key: r for r in [
             load_torch_folded, _T),
     Runtime("torch-cl", "shvit_torch folded, channels_last", "folded, weights and input channels_last (input copy timed)", "shvit", False,
             ("cpu", "cuda"), load_torch_channels_last, _T),
-    Runtime("torch-traced", "shvit_torch folded, traced", "folded, torch.jit.trace + torch.jit.freeze", "shvit", False, ("cpu", "cuda"),
-            load_torch_traced, _T),
-    Runtime("torch-compile", "shvit_torch folded, torch.compile", "folded, torch.compile (inductor, default mode)", "shvit", True,
-            ("cpu", "cuda"), load_torch_compile, _T),
+    Runtime("torch-traced", "shvit_torch folded, traced", "shvit_torch.optimize(): folded, channels_last, torch.jit.trace + freeze",
+            "shvit", False, ("cpu", "cuda"), load_torch_traced, _T),
+    Runtime("torch-compile", "shvit_torch folded, torch.compile", "shvit_torch.optimize(mode='compile'): folded, channels_last, "
+            "torch.compile (inductor)", "shvit", True, ("cpu", "cuda"), load_torch_compile, _T),
     Runtime("numpy", "shvit_numpy", "plain NumPy (folded at load, channels-last inside)", "shvit", False, ("cpu",), load_numpy,
             ("numpy", "shvit_numpy")),
     Runtime("tiny-cpu", "shvit_tiny CPU (JIT)", "tinygrad CPU device (clang), TinyJit replay", "shvit", True, ("cpu",), load_tiny_cpu,
