@@ -82,7 +82,8 @@ class FastSHViT:
         try:
             g = trace_frozen(self.model, x)
         except RuntimeError as e:
-            raise ShvitError(f"torch.jit.trace failed on {self.device} ({first_line(e)}); run without optimize()") from None
+            raise ShvitError(f"torch.jit.trace failed on {self.device} ({first_line(e)}); "
+                             "use model.fuse() instead (on the command line: drop --fast)") from None
         self.graphs[key] = g
         if len(self.graphs) > MAX_SHAPES:
             self.graphs.popitem(last=False)

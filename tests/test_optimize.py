@@ -114,3 +114,17 @@ def test_cli_fast_saves_the_same_logits(model, tmp_path, capsys):
 
 def test_fast_shvit_is_what_optimize_returns(fast):
     assert isinstance(fast, FastSHViT) and fast.mode == "trace" and fast.config.num_classes == 7
+
+
+def test_cli_fast_trace_failure_is_one_line(model, tmp_path, capsys, monkeypatch):
+    """Where tracing fails (a device torch.jit cannot trace on), --fast ends in one line and exit 2."""
+    def broken(module, example):
+        raise RuntimeError("no tracing kernel for this device\nlong C++ stack")
+
+    monkeypatch.setattr("shvit_torch.fast.trace_frozen", broken)
+    shvit_torch.save(model, tmp_path / "m.safetensors")
+    np.save(tmp_path / "x.npy", batch(SHAPES[0]).numpy())
+    assert run.main(["--weights", str(tmp_path / "m.safetensors"), "--input", str(tmp_path / "x.npy"), "--fast"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["python -m shvit_torch.run: error: torch.jit.trace failed on cpu (no tracing kernel for this device); "
+                   "use model.fuse() instead (on the command line: drop --fast)"]
