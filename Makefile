@@ -5,7 +5,7 @@ PY      := .venv/bin/python
 STAMP   := .venv/.installed
 export PYTHONHASHSEED := 0
 
-.PHONY: install test test-fast test-thorough docs-test lint demo demo-weights bench figures clean
+.PHONY: install test test-fast test-thorough docs docs-test lint demo demo-weights bench figures clean
 
 install: $(STAMP)
 
@@ -24,6 +24,9 @@ test-fast: install
 
 test-thorough: install  ## many more hypothesis examples, for humans with time
 	HYPOTHESIS_PROFILE=thorough $(PY) -m pytest -q -n 2 --dist loadgroup tests
+
+docs: install  ## run every page's code blocks; write their output and the included source into the pages
+	$(PY) -m docs.render
 
 docs-test: install  ## run every python code block of docs/*.md and README.md
 	$(PY) -m pytest -q tests/test_docs.py
