@@ -42,7 +42,7 @@ class Loaded:
 def make_parser(prog: str, description: str, device_help: str | None = None) -> Parser:
     p = Parser(prog=prog, description=description)
     p.add_argument("--weights", type=Path, metavar="PATH",
-                   help="weight file: canonical or timm .safetensors (shvit_torch also reads the authors' and timm's .pth); "
+                   help="weight file: canonical or timm .safetensors, or the authors' or timm's .pth (read without torch); "
                         "default: the bundled demo weights")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--input", type=Path, metavar="X.npy", help="float32 NCHW batch, already normalised")

@@ -1,8 +1,9 @@
 """The SHViT model in plain NumPy: build from a config, load canonical weights, fold, run.
 
-``load(path)`` reads a canonical or timm ``.safetensors`` file with the numpy-only reader of
-``shvit_numpy.weights`` and folds every BatchNorm once, at load. The public ``__call__`` takes
-the usual NCHW float32 batch; inside, activations are channels-last (see layers.py).
+``load(path)`` reads a canonical or timm ``.safetensors`` file, or the authors' or timm's
+``.pth``, with the numpy-only readers of ``shvit_numpy.weights`` and ``shvit_numpy.pth``, and
+folds every BatchNorm once, at load. The public ``__call__`` takes the usual NCHW float32
+batch; inside, activations are channels-last (see layers.py).
 """
 from __future__ import annotations
 
@@ -152,5 +153,5 @@ def from_weights(w: Weights, fold: bool = True) -> SHViT:
 
 
 def load(path, fold: bool = True) -> SHViT:
-    """A canonical or timm ``.safetensors`` file -> model (BatchNorm folded unless ``fold=False``)."""
+    """A ``.safetensors`` or ``.pth`` weight file -> model (BatchNorm folded unless ``fold=False``)."""
     return from_weights(load_weights(path), fold)

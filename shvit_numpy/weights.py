@@ -21,6 +21,7 @@ import numpy as np
 from .config import SHViTConfig
 from .errors import ShvitError
 from .names import check_state, infer_config, state_shapes, to_canonical
+from .pth import looks_like_torch, read_pth
 
 _DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "I64": "<i8", "I32": "<i4", "I16": "<i2",
            "I8": "i1", "U8": "u1", "BOOL": "?"}
@@ -154,14 +155,13 @@ def prepare_state(state: dict, metadata: dict | None = None) -> Weights:
 
 
 def load_weights(path) -> Weights:
-    """A ``.safetensors`` file (canonical or timm) -> ``Weights``.
+    """A ``.safetensors`` file (canonical or timm) or a torch ``.pth`` (the authors' or timm's) -> ``Weights``.
 
-    ``.pth`` files need torch to unpickle: ``python -m shvit_torch.convert`` turns them into
-    canonical safetensors first.
+    ``.pth`` files are read by ``shvit_numpy.pth`` without torch, and nothing in them runs.
     """
     path = Path(path)
-    if path.suffix in (".pth", ".pt", ".bin", ".tar"):
-        raise ShvitError(f"{path} is a torch pickle; convert it first: python -m shvit_torch.convert {path} model.safetensors")
+    if looks_like_torch(path):
+        return prepare_state(read_pth(path))
     tensors, meta = read_safetensors(path)
     return prepare_state(tensors, meta)
 

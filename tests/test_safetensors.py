@@ -117,7 +117,8 @@ def test_canonical_file_carries_labels_and_resolution(tmp_path):
     assert_close("canonical file", m(x), logits(model, x))
 
 
-def test_torch_pickles_are_refused_with_a_hint(tmp_path):
+def test_legacy_torch_pickles_are_refused_with_a_hint(tmp_path):
+    """Zip .pth files load without torch (tests/test_pth.py); the pre-1.6 pickle format does not."""
     (tmp_path / "m.pth").write_bytes(b"\x80\x02")
-    with pytest.raises(ShvitError, match="convert it first: python -m shvit_torch.convert"):
+    with pytest.raises(ShvitError, match="legacy .non-zip. torch pickle.*python -m shvit_torch.convert"):
         shvit_numpy.load(tmp_path / "m.pth")
