@@ -5,6 +5,7 @@
 * ``benchmarks.worker``  one process: sets its thread limits before numpy is imported, then
   times every runtime in interleaved rounds (or measures one runtime's peak memory).
 * ``benchmarks.runners`` the runtimes behind one interface (load a weight file, time a batch).
+* ``benchmarks.first_answer`` time to first answer: a new process per run, caches empty and warm.
 * ``benchmarks.report``  Markdown tables, the speed floors, the PNG chart.
 * ``benchmarks.machine`` what the figures were measured on.
 * ``benchmarks.profile_ops`` where the time goes: torch.profiler and ONNX Runtime's profiler.

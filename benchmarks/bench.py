@@ -3,17 +3,23 @@
 Throughput (images/s at batch 16 and 64), latency (batch 1) and peak memory of shvit_torch
 (unfolded eager, folded, channels_last, traced, torch.compile), shvit_numpy, shvit_tiny (CPU
 and CL, after the JIT) and the peers (ONNX Runtime on shvit_torch's folded ONNX export; timm's
-SHViT when timm imports), for s1-s4 at their resolutions, on one core and on all cores.
-Then it checks the issue's speed floors (S1, batch 16, one core).
+SHViT when timm imports), for s1-s4 at their resolutions, on one core and on all cores; then
+the time to first answer (a new process, S1 at 224, one image, one core, caches empty and warm:
+see first_answer.py). Then it checks the issue's speed floors (S1, batch 16, one core) and the
+first-answer targets (shvit_tiny CPU: <= 2 s warm, <= 15 s with empty caches).
 
 Runs:  default  s1-s4, batches 1/16/64, 1 core and all cores; the compiled runtimes (tinygrad,
-                torch.compile: 15-50 s of compiling per input shape) at s1, batch 16 only
-                (the first variant and batch 16; --runtimes naming them lifts that)  [~10 min]
+                torch.compile: 15-50 s of compiling per input shape) at s1, batch 16 only, except
+                shvit_tiny on one core at batches 1 and 16, its CPU device at every variant (its
+                captures persist in ~/.cache/shvit: a second run loads them, the first compiles
+                8 shapes more); --runtimes naming them lifts that; then the first answers (~2 min)
        --full   the compiled runtimes everywhere too (36 compiles per thread setting), 7 rounds  [slow]
-       --quick  s1, batch 16, one core, 3 rounds, no memory: the floors only      [~2 min]
+       --quick  s1, batch 16, one core, 3 rounds, no memory, no first answers: the floors only  [~2 min]
+       --first-answer-only   the first answers and their targets alone  [~2 min]
        --device cuda   torch and tinygrad (and timm) at batch 256, float16, s1-s4
 Outputs: default and --full: benchmarks/results/latest.{json,md} and docs/bench.png; --device
-cuda: benchmarks/results/gpu.{json,md} and docs/bench-gpu.png; --quick and runs narrowed by
+cuda: benchmarks/results/gpu.{json,md} and docs/bench-gpu.png; --first-answer-only:
+benchmarks/results/first_answer.{json,md} (no chart); --quick and runs narrowed by
 --variants/--batches/--threads/--runtimes/--skip/--rounds: runs/bench/{quick,custom}.{json,md,png}.
 """
 from __future__ import annotations
@@ -36,7 +42,7 @@ from shvit_numpy.config import RESOLUTION, VARIANTS
 from shvit_numpy.errors import ShvitError
 from shvit_numpy.weights import atomic_path
 
-from . import machine, report
+from . import first_answer, machine, report
 from .runners import RUNTIMES
 
 PROG = "python -m benchmarks.bench"
@@ -46,6 +52,12 @@ SCRATCH = ROOT / "runs" / "bench"  # quick and narrowed runs (runs/ is ignored b
 THREAD_ENV = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "VECLIB_MAXIMUM_THREADS", "NUMEXPR_NUM_THREADS",
               "NUM_CPU_THREADS",  # tinygrad's CPU device
               "POCL_CPU_MAX_CU_COUNT", "POCL_MAX_PTHREAD_COUNT")  # PoCL (tinygrad's CL device on a CPU)
+# shvit_tiny's captures persist in its compiled-model cache (the bench's random weights are the same
+# file every run), so a second make bench loads them instead of compiling: on one core it is timed at
+# batches 1 and 16, the CPU device at every variant (True), CL at the first (False: one compile more).
+# Other compiled runtimes, and other thread settings, at the first variant and the floor batch only.
+PERSISTENT = {"tiny-cpu": True, "tiny-cl": False}
+LATENCY_BATCHES = (1, 16)
 
 
 # -- the plan ---------------------------------------------------------------------------------------------------
@@ -84,17 +96,22 @@ def thread_list(text):
 
 
 def make_parser() -> Parser:
-    p = Parser(prog=PROG, description=__doc__.splitlines()[0], epilog="\n".join(__doc__.splitlines()[8:]),
+    p = Parser(prog=PROG, description=__doc__.splitlines()[0], epilog=__doc__[__doc__.index("Runs:"):],
                formatter_class=argparse.RawDescriptionHelpFormatter)
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_true", help="s1, batch 16, one core, 3 rounds, no memory: just the speed floors")
     mode.add_argument("--full", action="store_true", help="compiled runtimes at every variant, memory everywhere, 7 rounds")
+    mode.add_argument("--first-answer-only", action="store_true",
+                      help="only the time to first answer (new process, S1, one core; caches empty and warm) and its targets")
+    p.add_argument("--first-answer", action=argparse.BooleanOptionalAction, default=None,
+                   help="time the first answers after the speed runs (default: on, off with --quick and narrowed runs)")
     p.add_argument("--variants", type=csv("variant", sorted(VARIANTS)), help="comma-separated, e.g. s1,s4 (default: s1-s4)")
     p.add_argument("--batches", type=positive_ints, help="comma-separated batch sizes (default 1,16,64; 1 = latency)")
     p.add_argument("--threads", type=thread_list, help="comma-separated thread counts or 'all' (default 1,all)")
     p.add_argument("--runtimes", type=csv("runtime", list(RUNTIMES)), help=f"comma-separated subset of: {', '.join(RUNTIMES)}")
     p.add_argument("--skip", type=csv("runtime", list(RUNTIMES)), default=[], help="runtimes to leave out")
-    p.add_argument("--rounds", type=int, help="timed rounds per cell (default 5; --quick 3; --full 7)")
+    p.add_argument("--rounds", type=int,
+                   help="timed rounds per cell (default 5; --quick 3; --full 7); --first-answer-only: warm runs (default 3)")
     p.add_argument("--warmup", type=int, default=2,
                    help="untimed calls after the first (compiling) call; tinygrad's JIT needs 2 (default 2)")
     p.add_argument("--min-round", type=float, metavar="S", help="a round repeats a call until it lasts S seconds (default 0.25)")
@@ -104,7 +121,7 @@ def make_parser() -> Parser:
     p.add_argument("--float32", action="store_true", help="with --device cuda: float32 instead of float16")
     p.add_argument("--out", type=Path, metavar="DIR", help="where the JSON and Markdown go (default: see Outputs below)")
     p.add_argument("--chart", type=Path, metavar="PNG", help="chart path (default: see Outputs below)")
-    p.add_argument("--strict", action="store_true", help="exit 1 when a speed floor fails")
+    p.add_argument("--strict", action="store_true", help="exit 1 when a speed floor or first-answer target fails")
     p.add_argument("--list", action="store_true", help="list the runtimes and what each times, then exit")
     return p
 
@@ -116,7 +133,12 @@ def plan(args) -> dict:
     keys = [k for k in (args.runtimes or RUNTIMES) if k not in args.skip and args.device in RUNTIMES[k].devices]
     if not keys:
         raise ShvitError(f"no runtime left to run on {args.device} (chosen: {', '.join(args.runtimes or RUNTIMES)})")
-    if args.quick:
+    if args.first_answer_only:
+        keys = [k for k in keys if k in first_answer.COMMANDS]
+        if not keys:
+            raise ShvitError(f"no runtime with a first-answer command chosen (those are: {', '.join(first_answer.COMMANDS)})")
+        variants, batches, threads, rounds, min_round = ["s1"], [1], [1], 3, 0.0
+    elif args.quick:
         variants, batches, threads, rounds, min_round = ["s1"], [16], [1], 3, 0.1
     else:
         variants, batches = sorted(VARIANTS), ([256] if gpu else [1, 16, 64])
@@ -132,27 +154,39 @@ def plan(args) -> dict:
     if max(threads) > len(cpus):
         raise ShvitError(f"--threads {max(threads)} is more than the {len(cpus)} CPUs this process may use")
     custom = bool(args.skip) or any(a is not None for a in (args.variants, args.batches, args.threads, args.runtimes, args.rounds))
-    # compiled runtimes pay 15-50 s per input shape: only at the first variant and the floor batch,
-    # unless --full (or --quick, or the GPU run) or --runtimes names them
+    # compiled runtimes pay 15-50 s per input shape: only at the first variant and the floor batch
+    # (shvit_tiny on one core: see PERSISTENT), unless --full (or --quick, or the GPU run) or --runtimes names them
     everywhere = args.full or args.quick or gpu
     restricted = [k for k in keys if RUNTIMES[k].compiled and k not in (args.runtimes or [])] if not everywhere else []
-    memory = args.memory if args.memory is not None else not args.quick
+    memory = (args.memory if args.memory is not None else not args.quick) and not args.first_answer_only
     mem_batch = 16 if 16 in batches else max(batches)
+    fa = args.first_answer if args.first_answer is not None else not (args.quick or custom or gpu)
+    mode = ("first-answer" if args.first_answer_only else "gpu" if gpu else "custom" if custom else "quick" if args.quick
+            else "full" if args.full else "default")
     return dict(keys=keys, variants=variants, batches=batches, threads=threads, rounds=rounds, warmup=args.warmup,
                 min_round_s=min_round, device=args.device, half=gpu and not args.float32, cpus=cpus,
                 restricted=restricted, memory=memory, mem_batch=mem_batch, floor_batch=mem_batch,
-                mode="gpu" if gpu else "custom" if custom else "quick" if args.quick else "full" if args.full else "default")
+                first_answer=(fa or args.first_answer_only) and not gpu, mode=mode)
 
 
-def runtimes_for(p: dict, variant: str) -> list[str]:
-    return [k for k in p["keys"] if k not in p["restricted"] or variant == p["variants"][0]]
+def limits(p: dict, key: str, threads: int) -> tuple[bool, list[int] | None]:
+    """Where a restricted compiled runtime is timed: (every variant?, only these batches, or None: all)."""
+    if key not in p["restricted"]:
+        return True, None
+    if key in PERSISTENT and threads == 1:
+        return PERSISTENT[key], [b for b in p["batches"] if b in LATENCY_BATCHES or b == p["floor_batch"]]
+    return False, [p["floor_batch"]]
 
 
-def cell(p: dict, files: dict, variant: str) -> dict:
-    """One variant's share of a speed worker's spec: files, batches, runtimes (restricted ones at one batch)."""
-    only = {k: [p["floor_batch"]] for k in p["restricted"]}
+def runtimes_for(p: dict, variant: str, threads: int) -> list[str]:
+    return [k for k in p["keys"] if limits(p, k, threads)[0] or variant == p["variants"][0]]
+
+
+def cell(p: dict, files: dict, variant: str, threads: int) -> dict:
+    """One variant's share of a speed worker's spec: files, batches, runtimes (restricted ones at some batches)."""
+    only = {k: limits(p, k, threads)[1] for k in p["restricted"]}
     return {"variant": variant, "resolution": RESOLUTION[variant], **files[variant], "batches": p["batches"],
-            "runtimes": runtimes_for(p, variant), "only_batches": only}
+            "runtimes": runtimes_for(p, variant, threads), "only_batches": only}
 
 
 # -- the models ---------------------------------------------------------------------------------------------------
@@ -191,9 +225,15 @@ def prepare_models(p: dict, workdir: Path) -> dict:
 
 # -- the workers ---------------------------------------------------------------------------------------------------
 
-def worker_env(threads: int) -> dict:
+def worker_env(threads: int, persist: bool = True) -> dict:
+    """The environment of a worker limited to ``threads``. ``persist``: shvit_tiny may use its
+    compiled-model cache; only one-core speed workers do. Its key does not name the thread count
+    (tinygrad's kernels split work for NUM_CPU_THREADS threads), and the memory figures are those
+    of a first run, compiler included."""
     env = dict(os.environ)
     env.update({k: str(threads) for k in THREAD_ENV})
+    if threads != 1 or not persist:
+        env["SHVIT_CACHE"] = "0"
     env["TORCHINDUCTOR_COMPILE_THREADS"] = "1"  # torch.compile compiles in the worker itself: no pool of helper processes
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
     return env
@@ -219,7 +259,7 @@ def run_worker(spec: dict, workdir: Path, name: str, threads: int) -> dict | Non
     spec_path.write_text(json.dumps(spec))
     try:
         proc = subprocess.run([sys.executable, "-m", "benchmarks.worker", str(spec_path), str(out_path)],
-                              env=worker_env(threads), cwd=ROOT)
+                              env=worker_env(threads, persist=spec["mode"] == "speed"), cwd=ROOT)
     except KeyboardInterrupt:
         raise Stopped(read_json(out_path)) from None
     if proc.returncode == 130 or -proc.returncode in (signal.SIGINT, signal.SIGTERM, signal.SIGKILL):  # stopped by someone
@@ -235,7 +275,7 @@ def speed_runs(p: dict, files: dict, workdir: Path) -> tuple[list, list]:
         label = f"{threads} thread{'s' if threads > 1 else ''}"
         print(f"{label}: {', '.join(p['variants'])} x batches {p['batches']} x {len(p['keys'])} runtimes, {p['rounds']} rounds",
               file=sys.stderr)
-        cells = [cell(p, files, v) for v in p["variants"]]
+        cells = [cell(p, files, v, threads) for v in p["variants"]]
         spec = {"mode": "speed", "threads": threads, "label": label, "cpus": p["cpus"][:threads], "device": p["device"],
                 "half": p["half"], "cells": cells, "rounds": p["rounds"], "warmup": p["warmup"], "min_round_s": p["min_round_s"]}
         try:
@@ -253,7 +293,7 @@ def speed_runs(p: dict, files: dict, workdir: Path) -> tuple[list, list]:
 
 def memory_runs(p: dict, files: dict, workdir: Path) -> list:
     """One fresh process per (runtime, variant), one thread each, as many at once as there are CPUs."""
-    jobs = [(k, v) for v in p["variants"] for k in runtimes_for(p, v)]
+    jobs = [(k, v) for v in p["variants"] for k in p["keys"] if k not in p["restricted"] or v == p["variants"][0]]
     print(f"memory: {len(jobs)} fresh processes at batch {p['mem_batch']}", file=sys.stderr)
     width = 1 if p["device"] == "cuda" else len(p["cpus"])
 
@@ -269,6 +309,28 @@ def memory_runs(p: dict, files: dict, workdir: Path) -> list:
         return list(pool.map(one, enumerate(jobs)))
 
 
+def first_answer_runs(p: dict, files: dict, workdir: Path) -> dict:
+    """Time to first answer of every runtime that has a CLI, S1 at 224, batch 1, one core (see
+    first_answer.py); the model files are the speed runs' S1 (made here if they did not run S1)."""
+    if "s1" not in files:
+        files = {**files, **prepare_models({**p, "variants": ["s1"]}, workdir)}
+    import numpy as np
+
+    x_path = workdir / "first-answer-input.npy"
+    np.save(x_path, np.random.default_rng(0).standard_normal((1, 3, RESOLUTION["s1"], RESOLUTION["s1"])).astype(np.float32))
+    keys = [k for k in p["keys"] if k in first_answer.COMMANDS]
+    cpu = p["cpus"][0]
+    warm_runs = p["rounds"] if p["mode"] == "first-answer" else 3
+    print(f"first answer: {', '.join(keys)}: new processes on CPU {cpu}, one thread; caches empty, then warm x{warm_runs}",
+          file=sys.stderr)
+    env = worker_env(1)
+    env.pop("SHVIT_CACHE", None)  # the cache is what is timed (warm --no-cache: without it)
+    out = first_answer.measure(keys, files["s1"]["weights"], x_path, files["s1"]["onnx"], env, cpu, warm_runs,
+                               log=lambda m: print(m, file=sys.stderr, flush=True))
+    return {"variant": "s1", "resolution": RESOLUTION["s1"], "batch": 1, "threads": 1, "cpu": cpu,
+            "pinned_with": "taskset" if shutil.which("taskset") else "sched_setaffinity", "warm_runs": warm_runs, **out}
+
+
 # -- main -------------------------------------------------------------------------------------------------------
 
 def outputs(args, p: dict) -> tuple[Path, Path]:
@@ -277,8 +339,8 @@ def outputs(args, p: dict) -> tuple[Path, Path]:
     docs/bench-gpu.png); --quick and narrowed runs go to runs/bench/ (ignored by git), so a
     partial run never replaces a full one. --out and --chart override the places."""
     mode = p["mode"]
-    stem = "latest" if mode in ("default", "full") else mode
-    keep = mode in ("default", "full", "gpu")
+    stem = "latest" if mode in ("default", "full") else "first_answer" if mode == "first-answer" else mode
+    keep = mode in ("default", "full", "gpu", "first-answer")  # first_answer.* replaces no other run's files
     folder = args.out or (RESULTS if keep else SCRATCH)
     chart = args.chart or (ROOT / "docs" / ("bench-gpu.png" if mode == "gpu" else "bench.png") if keep else folder / f"{stem}.png")
     return folder / stem, chart
@@ -305,15 +367,21 @@ def run(p: dict) -> dict:
     try:
         print(f"preparing {', '.join(p['variants'])} (random weights{', ONNX export' if 'ort' in p['keys'] else ''})", file=sys.stderr)
         files = prepare_models(p, workdir)
-        memory, interrupted = [], False
-        try:
-            speed, skipped = speed_runs(p, files, workdir)
-        except Stopped as stop:
-            speed, skipped, interrupted = stop.partial["speed"], stop.partial["skipped"], True
+        speed, skipped, memory, answers, interrupted = [], [], [], None, False
+        if p["mode"] != "first-answer":
+            try:
+                speed, skipped = speed_runs(p, files, workdir)
+            except Stopped as stop:
+                speed, skipped, interrupted = stop.partial["speed"], stop.partial["skipped"], True
         if p["memory"] and not interrupted:
             try:
                 memory = memory_runs(p, files, workdir)
             except (Stopped, KeyboardInterrupt):
+                interrupted = True
+        if p["first_answer"] and not interrupted:
+            try:
+                answers = first_answer_runs(p, files, workdir)
+            except KeyboardInterrupt:
                 interrupted = True
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
@@ -325,11 +393,19 @@ def run(p: dict) -> dict:
         "runtimes": {k: {"label": RUNTIMES[k].label, "what": RUNTIMES[k].what, "family": RUNTIMES[k].family} for k in p["keys"]},
         "speed": speed, "memory": memory, "skipped": skipped, "interrupted": interrupted,
     }
-    if p["restricted"]:
+    if answers is not None:
+        result["first_answer"] = {k: v for k, v in answers.items() if k != "skipped"}
+        result["skipped"] += answers["skipped"]
+    if p["restricted"] and speed:
         names = ", ".join(RUNTIMES[k].label for k in p["restricted"])
-        result["restricted"] = (f"Compiled runtimes ({names}) were timed at {p['variants'][0]}, batch {p['floor_batch']} only: "
+        kept = [f"{RUNTIMES[k].label} at {'every variant' if limits(p, k, 1)[0] else p['variants'][0]}, batches "
+                f"{', '.join(map(str, limits(p, k, 1)[1]))}" for k in p["restricted"] if k in PERSISTENT]
+        also = (f" (on one core: {'; '.join(kept)}; shvit_tiny's captures persist in its compiled-model cache, "
+                "so a second run loads them instead of compiling)") if kept else ""
+        result["restricted"] = (f"Compiled runtimes ({names}) were timed at {p['variants'][0]}, batch {p['floor_batch']} only{also}: "
                                 "each input shape costs them 15-50 s of compiling; `--full` times them everywhere.")
-    result["floors"] = report.check_floors(result) if p["device"] == "cpu" else []
+    result["floors"] = report.check_floors(result) if p["device"] == "cpu" and speed else []
+    result["targets"] = report.check_targets(result) if answers is not None else []
     return result
 
 
@@ -357,12 +433,14 @@ def main(argv=None) -> int:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
     print(text)
+    for line in report.target_lines(result["targets"]):
+        print(line)
     print(f"wrote {base}.json, {base}.md" + (f", {chart_path}" if drew else "") +
           f" in {result['duration_s'] / 60:.1f} min")
     if result["interrupted"]:
         print(f"{PROG}: interrupted; the figures above are what was measured before", file=sys.stderr)
         return 130
-    failed = [f for f in result["floors"] if f["status"] == "FAIL"]
+    failed = [f for f in result["floors"] + result["targets"] if f["status"] == "FAIL"]
     return 1 if args.strict and failed else 0
 
 

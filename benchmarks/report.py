@@ -39,6 +39,51 @@ FLOORS = [
 ]
 
 
+@dataclass(frozen=True)
+class Target:
+    """A first answer's wall seconds in one cache state; PASS when <= ceiling (None: figures only)."""
+
+    name: str
+    runtime: str
+    state: str  # "cold" or "warm" (the median of the warm runs)
+    ceiling: float | None
+    goal: float
+
+
+# the issue's targets: a new process, S1 at 224, one image, one core
+TARGETS = [
+    Target("shvit_tiny CPU, warm caches", "tiny-cpu", "warm", 2.0, 1.0),
+    Target("shvit_tiny CPU, empty caches", "tiny-cpu", "cold", 15.0, 10.0),
+    Target("shvit_tiny CL (PoCL on a CPU), warm caches", "tiny-cl", "warm", None, 1.0),
+    Target("shvit_tiny CL (PoCL on a CPU), empty caches", "tiny-cl", "cold", None, 10.0),
+]
+STATES = {"cold": "cold_s", "warm": "warm_s", "warm_no_cache": "warm_no_cache_s"}
+
+
+def seconds(row: dict, state: str) -> float | None:
+    """A first-answer row's seconds in ``state`` (warm: the median), None if not measured."""
+    v = row.get(STATES[state])
+    return v["median"] if isinstance(v, dict) else v
+
+
+def check_targets(result: dict) -> list[dict]:
+    """Each first-answer target's measured seconds and PASS / FAIL / SKIP ("—" where no ceiling)."""
+    fa = result.get("first_answer") or {}
+    rows = {r["runtime"]: r for r in fa.get("rows", [])}
+    reasons = {s["runtime"]: s["reason"] for s in result.get("skipped", []) if s["where"].startswith("first answer")}
+    out = []
+    for t in TARGETS:
+        entry = {"name": t.name, "runtime": t.runtime, "state": t.state, "ceiling": t.ceiling, "goal": t.goal}
+        value = seconds(rows[t.runtime], t.state) if t.runtime in rows else None
+        if value is None:
+            entry.update(value=None, status="SKIP", reason=reasons.get(t.runtime, "not measured in this run"))
+        else:
+            status = "—" if t.ceiling is None else ("PASS" if value <= t.ceiling else "FAIL")
+            entry.update(value=value, status=status, goal_met=value <= t.goal)
+        out.append(entry)
+    return out
+
+
 def throughput(row) -> dict:
     """images/s: the median, and the range the slowest and fastest rounds give."""
     s, b = row["seconds"], row["batch"]
@@ -137,6 +182,60 @@ def floors_table(floors: list[dict]) -> list[str]:
     return lines + [""]
 
 
+def vector_isa(m: dict) -> str:
+    flags = m.get("cpu_flags") or []
+    return "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2"
+
+
+def first_answer_table(result: dict) -> list[str]:
+    fa, m = result["first_answer"], result["machine"]
+    lines = [f"#### Time to first answer ({fa['variant'].upper()} at {fa['resolution']}, batch {fa['batch']}, a new process, "
+             f"one core; {m['cpu']}, {vector_isa(m)})", "",
+             f"Wall seconds from starting `python -m <package>.run --weights W --input X.npy --save-logits Y.npy` until it has "
+             f"exited with the logits written (ONNX Runtime: `python -m benchmarks.first_answer --ort`), pinned to CPU "
+             f"{fa['cpu']} ({fa['pinned_with']}) with every library on one thread. Empty caches: HOME, XDG_CACHE_HOME, "
+             "tinygrad's CACHEDB and PoCL's cache in a new empty folder (nothing compiled before). Warm: the same command "
+             f"again on what that run left, median (min–max) of {fa['warm_runs']} runs interleaved across runtimes. "
+             "Warm, --no-cache: shvit_tiny without its compiled-model cache, on tinygrad's binary cache alone.", "",
+             "| runtime | empty caches (s) | warm caches (s) | warm, --no-cache (s) | max abs logit diff vs shvit_numpy |",
+             "|---|---|---|---|---|"]
+    for row in fa["rows"]:
+        w = row.get("warm_s")
+        warm = f"{w['median']:.2f} ({w['min']:.2f}–{w['max']:.2f})" if w else "—"
+        nc = row.get("warm_no_cache_s")
+        diff = row.get("max_abs_diff_vs_numpy")
+        lines.append(f"| {RUNTIMES[row['runtime']].label} | {row['cold_s']:.2f} | {warm} | "
+                     f"{f'{nc:.2f}' if nc is not None else '—'} | {f'{diff:.1e}' if diff is not None else '—'} |")
+    return lines + [""]
+
+
+def targets_table(targets: list[dict]) -> list[str]:
+    lines = ["#### First-answer targets (S1 at 224, batch 1, a new process, one core)", "",
+             "| first logits | measured (s) | ceiling (s) | goal (s) | result |", "|---|---|---|---|---|"]
+    for t in targets:
+        ceiling = "—" if t["ceiling"] is None else f"{t['ceiling']:.0f}"
+        if t["value"] is None:
+            lines.append(f"| {t['name']} | — | {ceiling} | {t['goal']:.0f} | SKIP: {t['reason']} |")
+            continue
+        goal = "goal met" if t["goal_met"] else "above goal"
+        verdict = f"{t['status']}, {goal}" if t["ceiling"] is not None else f"{goal} (figures only)"
+        lines.append(f"| {t['name']} | {t['value']:.2f} | {ceiling} | {t['goal']:.0f} | {verdict} |")
+    return lines + [""]
+
+
+def target_lines(targets: list[dict]) -> list[str]:
+    """One PASS / FAIL / SKIP line per target, for the terminal."""
+    out = []
+    for t in targets:
+        if t["value"] is None:
+            out.append(f"SKIP  {t['name']}: {t['reason']}")
+        else:
+            ceiling = f"<= {t['ceiling']:.0f} s" if t["ceiling"] is not None else "no ceiling"
+            out.append(f"{t['status'] if t['ceiling'] is not None else 'INFO':4}  {t['name']}: {t['value']:.2f} s "
+                       f"({ceiling}, goal {t['goal']:.0f} s{', met' if t['goal_met'] else ''})")
+    return out
+
+
 def gpu_table(result: dict) -> list[str]:
     rows = result["speed"]
     variants = sorted({r["variant"] for r in rows})
@@ -168,18 +267,22 @@ def markdown(result: dict) -> str:
                   + (f". **The machine was busy** (other processes shared its {m['cores']} cores): figures are noisy and low, "
                      "multi-thread ones most (a thread waiting at a barrier for a descheduled peer). Re-run on a quiet machine."
                      if busy else " (quiet)."), ""]
-    lines += [f"Method: {s['rounds']} rounds interleaved in one process per thread setting (the order rotates each round), "
-              f"each runtime's first (compiling) call and {s['warmup']} more warm-up call(s) untimed, "
-              f"rounds of at least {s['min_round_s']} s; median (min–max over rounds). Random weights and BatchNorm statistics. "
-              "Input: a float32 NCHW numpy batch; output: logits (numpy on CPU). One core = the process pinned to one CPU with "
-              "every library limited to one thread. Peak RSS: a fresh process per runtime and variant (VmHWM; in brackets, "
-              "the part above the RSS after importing the runtime's libraries).", ""]
+    if result["speed"]:
+        lines += [f"Method: {s['rounds']} rounds interleaved in one process per thread setting (the order rotates each round), "
+                  f"each runtime's first (compiling) call and {s['warmup']} more warm-up call(s) untimed, "
+                  f"rounds of at least {s['min_round_s']} s; median (min–max over rounds). Random weights and BatchNorm statistics. "
+                  "Input: a float32 NCHW numpy batch; output: logits (numpy on CPU). One core = the process pinned to one CPU with "
+                  "every library limited to one thread. Peak RSS: a fresh process per runtime and variant (VmHWM; in brackets, "
+                  "the part above the RSS after importing the runtime's libraries).", ""]
     if result.get("device", "cpu") == "cuda":
         lines += gpu_table(result)
     else:
         for v in sorted({r["variant"] for r in result["speed"]} | {x["variant"] for x in result.get("memory", [])}):
             lines += variant_table(result, v)
-        lines += floors_table(result["floors"])
+        if result["floors"]:
+            lines += floors_table(result["floors"])
+        if result.get("first_answer"):
+            lines += first_answer_table(result) + targets_table(result.get("targets", []))
     notes = {}
     for sk in result.get("skipped", []):
         notes.setdefault((sk["runtime"], sk["reason"]), []).append(sk["where"])
