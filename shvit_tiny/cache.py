@@ -25,6 +25,7 @@ mismatched entry gives one line on stderr, is deleted and rebuilt: never a crash
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import hashlib
 import io
@@ -90,18 +91,29 @@ def processor() -> str:
 
 
 def key_parts(weights_id: str, shape: tuple, dtype: str, device: str) -> dict:
-    from tinygrad.helpers import BEAM, DEV, NOOPT, getenv
+    from tinygrad.helpers import DEV
 
     parts = {
         "format": FORMAT, "weights": weights_id, "shape": list(shape), "dtype": dtype, "device": device,
         "target": repr(DEV.target(device.split(":")[0])),  # this device's renderer/arch (DEV=CPU:LLVM, ...)
         "tinygrad": tinygrad_version(),
         "python": platform.python_version(), "shvit_tiny": source_digest(),
-        "settings": {"BEAM": BEAM.value, "NOOPT": NOOPT.value, "JITBEAM": getenv("JITBEAM", 0), "CC": os.environ.get("CC", "")},
+        "settings": codegen_settings(),
     }
     if device.split(":")[0] == "CPU":
         parts["processor"] = processor()
     return parts
+
+
+def codegen_settings() -> dict:
+    """tinygrad's settings that change the kernels it makes: those it keys its own program cache
+    by (NOOPT, NUM_CPU_THREADS, USE_TC, IMAGE, ...), BEAM and JITBEAM, and the C compiler."""
+    from tinygrad.codegen import to_program_config
+    from tinygrad.helpers import BEAM, getenv
+
+    out = {v.key: repr(v.value) for v in to_program_config}
+    out.update(BEAM=BEAM.value, JITBEAM=getenv("JITBEAM", 0), CC=os.environ.get("CC", ""))
+    return out
 
 
 @functools.cache
@@ -213,16 +225,36 @@ def fetch(parts: dict):
 
 
 class Unpickler(pickle.Unpickler):
-    """Classes only from tinygrad and plain data types from builtins. The folder's ownership is
-    what makes an entry trusted; this narrows what even a damaged entry can name."""
+    """Classes only from tinygrad and plain data types from builtins (the folder's ownership is
+    what makes an entry trusted; this narrows what even a damaged entry can name), and every
+    buffer of the capture renumbered as this process's own.
+
+    tinygrad names a buffer by a per-process counter (``UOp.new_buffer``'s slot) and interns
+    UOps by value: the saved capture's buffer 17 would BE this process's buffer 17, some other
+    model's weights, and answer wrongly. Each saved slot gets a fresh number from the counter."""
 
     BUILTINS = {"bytearray", "bytes", "set", "frozenset", "slice", "range", "complex", "tuple", "list", "dict", "int", "float",
                 "bool", "str"}
 
+    def __init__(self, file):
+        super().__init__(file)
+        self.slots: dict[int, int] = {}
+
     def find_class(self, module: str, name: str):
         if not (module.startswith("tinygrad.") or (module == "builtins" and name in self.BUILTINS)):
             raise pickle.UnpicklingError(f"global {module}.{name} is not allowed")
+        if (module, name) == ("tinygrad.uop.ops", "UOp"):
+            return self.uop
         return super().find_class(module, name)
+
+    def uop(self, op, dtype=None, src=(), arg=None, *rest):
+        from tinygrad.uop.ops import Ops, ParamArg, UOp
+
+        if op is Ops.BUFFER and isinstance(arg, ParamArg):
+            if arg.slot not in self.slots:
+                self.slots[arg.slot] = next(UOp.unique_num)
+            arg = dataclasses.replace(arg, slot=self.slots[arg.slot])
+        return UOp(op, dtype, src, arg, *rest)
 
 
 def discard(path: Path, reason: str) -> None:

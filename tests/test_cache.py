@@ -78,16 +78,21 @@ def test_first_run_saves_and_the_next_loads_it(weights, reference, cache_home):
 
 
 def test_a_new_process_answers_without_lowering(weights, reference, cache_home, tmp_path):
+    """...and right although that process already holds other tinygrad buffers (tinygrad numbers
+    buffers per process: a loaded capture must not take over the live ones with its numbers)."""
     run_once(weights)  # fill the cache
     script = textwrap.dedent(f"""
         import numpy as np, tinygrad.engine.jit as jit
-        def refuse(*a, **k): raise SystemExit("tinygrad lowered a graph: the cache was not used")
-        jit.jit_lower = refuse  # capture-time lowering: a cache hit never gets there
         import shvit_tiny
         x = np.load({str(tmp_path / 'x.npy')!r})
+        other = shvit_tiny.load({str(weights)!r}, device="CPU", half=True, cache=False)
+        before = other(x, jit=False)  # this process's own buffers, numbered from 0 as the saver's were
+        def refuse(*a, **k): raise SystemExit("tinygrad lowered a graph: the cache was not used")
+        jit.jit_lower = refuse  # capture-time lowering: a cache hit never gets there
         m = shvit_tiny.load({str(weights)!r}, device="CPU")
         np.save({str(tmp_path / 'y.npy')!r}, m(x))
         (j,) = m._jits.values(); assert j.fxn is None
+        assert np.array_equal(other(x, jit=False), before), "loading the capture changed another model's answer"
     """)
     np.save(tmp_path / "x.npy", X)
     r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=os.environ | {"PYTHONPATH": os.getcwd()},
@@ -206,8 +211,9 @@ def test_the_key_names_everything_that_changes_the_kernels(weights):
         assert cache.key_of(cache.key_parts(**(base | change))) != key, change
     from tinygrad import Context
 
-    with Context(BEAM=2):
-        assert cache.key_of(cache.key_parts(**base)) != key
+    for setting in (dict(BEAM=2), dict(NUM_CPU_THREADS=1), dict(NOOPT=1)):
+        with Context(**setting):
+            assert cache.key_of(cache.key_parts(**base)) != key, setting
     a = shvit_tiny.model.weights_digest(weights, fold=True, half=False)
     assert a != shvit_tiny.model.weights_digest(weights, fold=True, half=True) != shvit_tiny.model.weights_digest(weights, False, True)
 
