@@ -16,7 +16,7 @@ import shutil
 
 from shvit_numpy.errors import ShvitError
 
-KNOWN = ("CPU", "CL", "METAL", "CUDA", "NV", "AMD", "QCOM", "WEBGPU")
+KNOWN = ("CPU", "CL", "METAL", "CUDA", "NV", "AMD", "QCOM", "WEBGPU", "PYTHON", "NULL")
 ALIASES = {"CLANG": "CPU", "GPU": "CL", "OPENCL": "CL"}
 ORDER = ("METAL", "AMD", "NV", "CUDA", "QCOM", "CL", "CPU")  # tinygrad's own preference
 
@@ -76,22 +76,46 @@ def default_device() -> str:
     return works[0]
 
 
+def use_target(base: str, spec: str) -> None:
+    """Make ``spec`` (``DEV``'s syntax: ``PYTHON::METAL``, ``CPU:LLVM``, ``CUDA:PTX``) the target
+    tinygrad compiles for on device ``base``, as ``DEV=spec`` would: process-wide, since tinygrad
+    opens each device once. Refused once ``base`` is open with another renderer or arch."""
+    from tinygrad import Device
+    from tinygrad.helpers import DEV, Target
+
+    try:
+        want = Target.parse(base + spec[len(spec.split(":")[0]):])
+    except RuntimeError as e:
+        raise ShvitError(f"bad device {spec!r}: {e} (expected DEVICE[:RENDERER[:ARCH]], e.g. PYTHON::METAL)") from None
+    if want == DEV.target(base):
+        return
+    if base in Device._opened_devices:
+        raise ShvitError(f"device {base} is already open for {DEV.target(base)!r} in this process; "
+                         f"{spec!r} needs a new process (or DEV={spec} before it starts)")
+    DEV.value = [want] + [t for t in DEV.value if t.device != base and t != Target()]  # other devices' targets kept
+
+
 def resolve_device(name: str | None) -> str:
-    """A device string tinygrad accepts, opened and ready; ``ShvitError`` naming what works otherwise."""
+    """A device tinygrad accepts, opened and ready; ``ShvitError`` naming what works otherwise.
+    A renderer/arch suffix (``PYTHON::METAL``: tinygrad's emulator running Metal's kernels;
+    ``CPU:LLVM``) becomes that device's target (``use_target``); the device is returned bare."""
     if name is None:
         name = default_device()
     base = name.upper().split(":")[0]
     base = ALIASES.get(base, base)
-    full = base + name[len(name.split(":")[0]):]
     if base not in KNOWN:
         works = ", ".join(available_devices()) or "none"
         raise ShvitError(f"unknown device {name!r}; tinygrad's devices are {', '.join(KNOWN)} (working here: {works})")
+    index = name.split(":")[1] if name.count(":") == 1 and name.split(":")[1].isdigit() else None  # CUDA:1, the second GPU
+    if ":" in name and index is None:
+        use_target(base, name)
     if base == "CPU" and clang_missing():
         raise ShvitError("tinygrad's CPU device needs clang: install it with `sudo apt-get install clang` "
                          "(macOS: `xcode-select --install`), or choose another --device")
+    full = base if index is None else f"{base}:{index}"
     if not opens(full):
         works = ", ".join(d for d in available_devices() if d != base) or "none"
-        raise ShvitError(f"device {base} is not available on this machine; available: {works}")
+        raise ShvitError(f"device {full} is not available on this machine; available: {works}")
     return full
 
 
