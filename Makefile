@@ -1,13 +1,16 @@
 # shvit: two commands on a fresh machine:  make demo   and   make test
-# (both install first if needed). System packages for tinygrad's CPU and OpenCL devices:
-#   sudo apt-get install -y clang pocl-opencl-icd
+# (both install first if needed: the system packages tinygrad's CPU and OpenCL devices need,
+# clang and PoCL, through scripts/system-packages.sh, then the pinned Python packages in .venv).
 PY      := .venv/bin/python
 STAMP   := .venv/.installed
 export PYTHONHASHSEED := 0
 
-.PHONY: install test test-fast test-thorough docs docs-test lint demo demo-weights bench figures clean
+.PHONY: install system render-check test test-fast test-thorough docs docs-test lint demo demo-weights bench figures clean
 
-install: $(STAMP)
+install: system $(STAMP)
+
+system:  ## clang and PoCL for tinygrad's CPU and OpenCL devices: apt-get when missing, or the command to run
+	@bash scripts/system-packages.sh
 
 $(STAMP): pyproject.toml requirements-dev.txt
 	test -x $(PY) || python3 -m venv .venv
@@ -39,6 +42,10 @@ demo: install  ## the main job: train on digits, evaluate in all three runtimes
 
 demo-weights: install  ## remake the bundled demo weights and sample images
 	$(PY) -m shvit_torch.demo --out runs/demo-weights --bundle
+
+render-check: install  ## S1 at 224 lowered to Metal, CUDA, OpenCL and WGSL source (no GPU needed, ~30 s)
+	$(PY) -m shvit_tiny.render --variant s1
+	$(PY) -m shvit_tiny.render --variant s1 --half
 
 bench: install
 	$(PY) -m benchmarks.bench
