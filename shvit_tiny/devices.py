@@ -131,18 +131,37 @@ def has_avx512() -> bool:
         return False
 
 
+def compile_workers() -> int | None:
+    """tinygrad lowers kernels in a pool of PARALLEL worker processes (by default its thread count,
+    divided among pytest-xdist workers). With one core to run on (taskset, a 1-CPU container, or
+    two xdist workers on two cores) a pool of one is pure cost, ~30% of a first call (spawning,
+    shipping every kernel there and back): then 0, lowering in this process. None: leave it
+    (PARALLEL set by you, or cores to spare)."""
+    from tinygrad.helpers import PARALLEL
+
+    if "PARALLEL" in os.environ:
+        return None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return 0 if min(PARALLEL.value, cores) <= 1 else None
+
+
 def compile_context(device: str):
-    """The context this model's kernels are compiled in. tinygrad's CPU device runs clang with
-    ``-march=native``, yet on AVX-512 CPUs clang still prefers 256-bit vectors; there this asks it
-    for 512-bit ones (tinygrad's own ``DEV=CPU:CLANG:x86_64,native,prefer-vector-width=512``), and
-    shvit_tiny.wide_vectors then gives the kernels 16-float vectors: the products ~1.4x faster.
-    Only while compiling, only for the CPU device and only when ``DEV`` names no renderer or arch
-    for it (a choice of yours is left as it is); elsewhere a context that changes nothing."""
+    """The context this model's kernels are compiled in: no one-worker compile pool (see
+    ``compile_workers``); and on the CPU device, 512-bit vectors where the CPU has them. tinygrad's
+    CPU device runs clang with ``-march=native``, yet on AVX-512 CPUs clang still prefers 256-bit
+    vectors; there this asks it for 512-bit ones (tinygrad's own
+    ``DEV=CPU:CLANG:x86_64,native,prefer-vector-width=512``), and shvit_tiny.wide_vectors then gives
+    the kernels 16-float vectors: the products ~1.4x faster. Only while compiling, only for the
+    CPU device and only when ``DEV`` names no renderer or arch for it (a choice of yours is left
+    as it is)."""
     from tinygrad import Context
     from tinygrad.helpers import DEV, Target
 
+    settings = {}
+    if (workers := compile_workers()) is not None:
+        settings["PARALLEL"] = workers
     cpu = [t for t in DEV.value if t.device in ("", "CPU")]
-    if device != "CPU" or any(t.renderer or t.arch for t in cpu) or not has_avx512():
-        return contextlib.nullcontext()
-    wide = Target("CPU", "CLANG", "x86_64,native,prefer-vector-width=512")
-    return Context(DEV=[wide] + [t for t in DEV.value if t not in cpu])  # other devices' targets kept
+    if device == "CPU" and not any(t.renderer or t.arch for t in cpu) and has_avx512():
+        wide = Target("CPU", "CLANG", "x86_64,native,prefer-vector-width=512")
+        settings["DEV"] = [wide] + [t for t in DEV.value if t not in cpu]  # other devices' targets kept
+    return Context(**settings) if settings else contextlib.nullcontext()

@@ -241,6 +241,7 @@ def test_avx512_compiles_use_sixteen_float_vectors():
 def test_compile_context_leaves_other_devices_and_your_dev_alone(monkeypatch):
     from tinygrad.helpers import DEV, Target
 
+    monkeypatch.setenv("PARALLEL", "2")  # a PARALLEL of yours is left alone too: nothing else to set
     assert isinstance(compile_context("CL"), contextlib.nullcontext)
     monkeypatch.setattr(DEV, "_value", [Target("CPU", "CLANG", "x86_64,native")])
     assert isinstance(compile_context("CPU"), contextlib.nullcontext)  # a renderer/arch you chose
@@ -249,3 +250,21 @@ def test_compile_context_leaves_other_devices_and_your_dev_alone(monkeypatch):
         with compile_context("CPU"):
             assert [repr(t) for t in DEV.value] == ["CPU:CLANG:x86_64,native,prefer-vector-width=512", "METAL"]
     assert [repr(t) for t in DEV.value] == ["METAL"]
+
+
+def test_no_compile_pool_of_one(monkeypatch):
+    """With one core to use, tinygrad lowers in this process instead of a one-worker pool."""
+    from tinygrad.helpers import PARALLEL
+
+    from shvit_tiny.devices import compile_workers
+
+    monkeypatch.delenv("PARALLEL", raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})
+    assert compile_workers() == 0
+    with compile_context("CL"):
+        assert PARALLEL.value == 0
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)))
+    monkeypatch.setattr(PARALLEL, "value", 8)
+    assert compile_workers() is None  # cores to spare: tinygrad's pool as it is
+    monkeypatch.setenv("PARALLEL", "1")
+    assert compile_workers() is None  # yours
