@@ -13,6 +13,7 @@ import functools
 import os
 import platform
 import shutil
+import subprocess
 
 from shvit_numpy.errors import ShvitError
 
@@ -129,6 +130,33 @@ def has_avx512() -> bool:
             return any(line.startswith("flags") and " avx512f" in line for line in f)
     except OSError:
         return False
+
+
+@functools.cache
+def march_has_avx512(cpu: str) -> bool:
+    """Whether clang's ``-march=cpu`` turns on AVX-512 (asked of clang itself: its predefined macros)."""
+    try:
+        out = subprocess.run([os.environ.get("CC", "clang"), f"-march={cpu}", "-dM", "-E", "-x", "c", os.devnull],
+                             capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return "__AVX512F__" in out
+
+
+def target_has_avx512() -> bool:
+    """Whether tinygrad's CPU device compiles for a CPU with AVX-512: the CPU named in your
+    ``DEV=CPU:CLANG:x86_64,<cpu>[,<features>]`` if you set one (``x86-64-v3`` or ``znver3``: AVX2),
+    else this machine. The register tiles follow it (layers.row_tile)."""
+    from tinygrad.helpers import DEV
+
+    arch = (DEV.target("CPU").arch or "").split(",")
+    if arch == [""]:
+        return has_avx512()
+    if arch[0] != "x86_64" or len(arch) < 2:
+        return False
+    if "avx512f" in arch[2:] or "-avx512f" in arch[2:]:
+        return "avx512f" in arch[2:]
+    return has_avx512() if arch[1] == "native" else march_has_avx512(arch[1])
 
 
 def compile_workers() -> int | None:

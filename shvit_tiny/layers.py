@@ -166,9 +166,9 @@ def channel_tile(n: int) -> tuple:
 def row_tile(m: int) -> int:
     """Rows a product's register tile holds: 8 where the CPU has 32 vector registers of 256 or
     512 bits (AVX-512), else 4 (AVX2 has 16 registers: 8 rows x 16 channels would fill them all)."""
-    from .devices import has_avx512
+    from .devices import target_has_avx512
 
-    return tile(m, (8, 4, 2, 1) if has_avx512() else (4, 2, 1))
+    return tile(m, (8, 4, 2, 1) if target_has_avx512() else (4, 2, 1))
 
 
 def channel_upcasts(sizes: tuple[int, ...], r: int, amounts: tuple) -> tuple:

@@ -209,8 +209,8 @@ print("VALUES OK")
 """
 
 
-def kernel_sources(parallel: str, context: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k != "DEV"} | {"DEBUG": "4", "PARALLEL": parallel}
+def kernel_sources(parallel: str, context: str, dev: str | None = None) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "DEV"} | {"DEBUG": "4", "PARALLEL": parallel} | ({"DEV": dev} if dev else {})
     out = subprocess.run([sys.executable, "-c", WIDE_SCRIPT, context], capture_output=True, text=True, env=env)
     assert out.returncode == 0 and "VALUES OK" in out.stdout, out.stderr[-2000:]
     return dict(re.findall(r"void (\w+)\((.*?)\n}", out.stdout, re.S))  # kernel name -> its C
@@ -236,6 +236,23 @@ def test_avx512_compiles_use_sixteen_float_vectors():
     assert "float16" in sources["gemm_64_32_24"]  # 16-column tiles
     assert "float8" in sources["gemm_24_40_16"] and "float16" not in sources["gemm_24_40_16"]  # 40 = 5 x 8
     assert "float8" not in sources["gemm_9_12_5"]
+
+
+def row_tile_of(source: str, rows: int) -> int:
+    """A product kernel's register-tile rows: its row loop runs rows / tile times."""
+    return rows // int(re.search(r"for \(int Lidx0 = 0; Lidx0 < (\d+);", source)[1])
+
+
+@pytest.mark.parametrize("dev, rows, widest", [
+    ("CPU:CLANG:x86_64,x86-64-v3", 4, "float8"),  # an AVX2 CPU (16 registers of 8 floats): 4 x 16 tiles
+    pytest.param(None, 8, "float16", marks=pytest.mark.skipif(not has_avx512(), reason="this CPU has no AVX-512")),
+])
+def test_register_tiles_follow_the_target_cpu(dev, rows, widest):
+    """The CPU kernels are tiled for the CPU clang compiles for: DEV's (x86-64-v3 = AVX2, checked
+    here on whichever CPU this is: its code runs on any AVX-512 CPU too) or this machine's."""
+    gemm = kernel_sources("0", "wide", dev)["gemm_64_32_24"]
+    assert row_tile_of(gemm, 64) == rows
+    assert widest in gemm and (widest == "float16" or "float16" not in gemm)
 
 
 def test_compile_context_leaves_other_devices_and_your_dev_alone(monkeypatch):
