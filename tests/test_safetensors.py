@@ -122,3 +122,23 @@ def test_legacy_torch_pickles_are_refused_with_a_hint(tmp_path):
     (tmp_path / "m.pth").write_bytes(b"\x80\x02")
     with pytest.raises(ShvitError, match="legacy .non-zip. torch pickle.*python -m shvit_torch.convert"):
         shvit_numpy.load(tmp_path / "m.pth")
+
+
+def test_torch_reader_takes_a_safetensors_file_whose_length_looks_like_a_pickle(tmp_path):
+    """A header of 640 bytes is stored as 80 02 00 ..., a pickle's first two bytes: still safetensors."""
+    import shvit_torch
+    from shvit_torch.checkpoint import is_torch_file
+
+    model = shvit_torch.create(SHViTConfig(embed_dim=(8, 8, 8), partial_dim=(4, 4, 4), depth=(1, 1, 1), num_classes=3)).eval()
+    path = tmp_path / "m.safetensors"
+    shvit_torch.save(model, path)
+    state, meta = read_safetensors(path)
+    base = struct.unpack("<Q", path.read_bytes()[:8])[0]
+    target = 640 + 65536 * ((base + 65535) // 65536)  # stored as 80 02 xx 00 ...
+    for extra in range(target - base - 16, target - base + 16):  # the writer pads the header to 8 bytes
+        write_safetensors(path, state, {**meta, "pad": "x" * extra})
+        if path.read_bytes()[:2] == b"\x80\x02":
+            break
+    assert path.read_bytes()[:2] == b"\x80\x02", "could not make a 640-byte header"
+    assert not is_torch_file(path)
+    assert shvit_torch.load(path).config == model.config
