@@ -90,6 +90,17 @@ def randomize(model, seed: int):
     return state
 
 
+def random_model_file(cfg, seed: int, path):
+    """A torch model of ``cfg`` in eval mode with ``randomize``'s weights, saved as the canonical
+    file ``path``: the reference and the file every other runtime loads. Returns the model."""
+    import shvit_torch
+
+    model = shvit_torch.create(cfg).eval()
+    randomize(model, seed)
+    shvit_torch.save(model, path)
+    return model
+
+
 def authors_file(state: dict, path, *, fp16=False, two_d=False, training=False, prefix_module=False) -> None:
     """Write ``state`` (canonical numpy) as the authors' ``.pth`` in one of the spec's shapes:
     ``{'model': sd}``, float16 tensors, 1x1 kernels stored 2-D, or a training-program dict with

@@ -18,11 +18,10 @@ import pytest
 from tinygrad import Tensor
 
 import shvit_tiny
-import shvit_torch
 from shvit_numpy.config import SHViTConfig
 from shvit_tiny import cache
 from shvit_tiny import run as tiny_run
-from tests.helpers import randomize
+from tests.helpers import random_model_file
 
 pytestmark = pytest.mark.xdist_group("tiny")
 
@@ -32,10 +31,8 @@ X = np.random.default_rng(5).standard_normal((1, 3, 40, 36)).astype(np.float32)
 
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory):
-    model = shvit_torch.create(TINY).eval()
-    randomize(model, seed=31)
     path = tmp_path_factory.mktemp("cache") / "tiny.safetensors"
-    shvit_torch.save(model, path)
+    random_model_file(TINY, 31, path)
     return path
 
 

@@ -19,11 +19,10 @@ import numpy as np
 import pytest
 import torch
 
-import shvit_torch
 from shvit_numpy.config import SHViTConfig
 from shvit_numpy.errors import ShvitError
 from shvit_tiny.devices import resolve_device
-from tests.helpers import TOL, assert_close, randomize
+from tests.helpers import TOL, assert_close, random_model_file
 
 # every block type, a distillation head; 48 x 40 gives stage maps of 3x3, 2x2 and 1x1 tokens
 TINY = SHViTConfig(embed_dim=(16, 24, 32), partial_dim=(4, 8, 8), depth=(1, 1, 1), num_classes=5, distillation=True)
@@ -34,9 +33,7 @@ ENV = os.environ | {"PYTHONPATH": os.getcwd(), "SHVIT_CACHE": "0"}
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     d = tmp_path_factory.mktemp("emulated")
-    model = shvit_torch.create(TINY).eval()
-    randomize(model, seed=41)
-    shvit_torch.save(model, d / "tiny.safetensors")
+    model = random_model_file(TINY, 41, d / "tiny.safetensors")
     np.save(d / "x.npy", X)
     with torch.no_grad():
         ref = model(torch.from_numpy(X)).numpy()

@@ -15,7 +15,7 @@ import shvit_torch
 from shvit_numpy.config import SHViTConfig
 from shvit_numpy.errors import ShvitError
 from shvit_torch.export import INPUT, OUTPUT, export_onnx, main
-from tests.helpers import assert_close, randomize
+from tests.helpers import assert_close, random_model_file, randomize
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
@@ -44,9 +44,7 @@ def batch(shape, seed=0):
 def small(tmp_path_factory):
     """A small random model, its canonical weight file, and its ONNX export (dynamic axes)."""
     d = tmp_path_factory.mktemp("export")
-    model = shvit_torch.create(SMALL).eval()
-    randomize(model, seed=11)
-    shvit_torch.save(model, d / "small.safetensors")
+    model = random_model_file(SMALL, 11, d / "small.safetensors")
     export_onnx(model, d / "small.onnx", resolution=64)
     return model, d
 

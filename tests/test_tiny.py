@@ -23,7 +23,7 @@ from shvit_numpy.config import SHViTConfig
 from shvit_numpy.errors import ShvitError
 from shvit_tiny import run
 from shvit_tiny.devices import available_devices, cl_is_cpu, compile_context, has_avx512, resolve_device
-from tests.helpers import TOL, assert_close, randomize
+from tests.helpers import TOL, assert_close, random_model_file, randomize
 
 pytestmark = pytest.mark.xdist_group("tiny")
 
@@ -40,11 +40,8 @@ HALF_TOL = TOL["float16"]
 
 @pytest.fixture(scope="module")
 def small(tmp_path_factory):
-    model = shvit_torch.create(SMALL).eval()
-    randomize(model, seed=21)
     path = tmp_path_factory.mktemp("tiny") / "small.safetensors"
-    shvit_torch.save(model, path)
-    return model, path
+    return random_model_file(SMALL, 21, path), path
 
 
 @pytest.fixture(scope="module")
