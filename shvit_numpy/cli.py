@@ -21,7 +21,7 @@ from .weights import atomic_path
 
 ASSETS = Path(__file__).parent / "assets"
 DEMO_WEIGHTS = ASSETS / "demo.safetensors"  # bundled by `make demo-weights`
-DEMO_IMAGES = ASSETS / "digits"  # a few sample digit images that go with them
+DEMO_IMAGES = ASSETS / "digits"  # sample images that go with them (canvases of handwritten digits)
 
 
 class Parser(argparse.ArgumentParser):
@@ -61,7 +61,7 @@ def resolve_weights(weights: Path | None) -> Path:
     if weights is not None:
         return weights
     if DEMO_WEIGHTS.is_file():
-        print(f"note: no --weights given; using the bundled demo weights ({DEMO_WEIGHTS.name}, digits 0-9)", file=sys.stderr)
+        print(f"note: no --weights given; using the bundled demo weights ({DEMO_WEIGHTS.name}: the largest of 3 digits)", file=sys.stderr)
         return DEMO_WEIGHTS
     raise ShvitError("--weights PATH is needed (no bundled demo weights in this installation)")
 

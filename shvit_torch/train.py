@@ -55,10 +55,13 @@ class TrainingError(Exception):
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = Parser(prog=PROG, description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", default="digits", help="'digits' (scikit-learn's, built in) or a folder with train/<class>/ and val/<class>/")
+    p.add_argument("--data", default="digits",
+                   help="'digits' (scikit-learn's, built in), 'canvas' (the largest of three of them on a 128x128 image) "
+                        "or a folder with train/<class>/ and val/<class>/")
     p.add_argument("--out", type=Path, required=True, help="output directory")
     p.add_argument("--variant", choices=sorted(VARIANTS), help="s1..s4 (default: a small SHViT suited to small images)")
-    p.add_argument("--resolution", type=int, help="image size (default: 64 for digits, else the init file's or the variant's)")
+    p.add_argument("--resolution", type=int,
+                   help="image size (default: 64 for digits, 128 for canvas, else the init file's or the variant's)")
     p.add_argument("--init-from", type=Path, metavar="FILE",
                    help="fine-tune from any weight file shvit_torch.load accepts (a new head when the class count differs)")
     p.add_argument("--teacher", type=Path, metavar="FILE", help="hard distillation from this model into the distillation head")
@@ -72,7 +75,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True,
                    help="random rotation, shift and zoom (default: on)")
     p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
-                   help="random horizontal flips (default: on for folders, off for digits)")
+                   help="random horizontal flips (default: on for folders, off for digits and canvas)")
     p.add_argument("--mixup", type=float, default=0.0, metavar="ALPHA", help="Beta(a, a) mixup; 0 = off")
     p.add_argument("--cutmix", type=float, default=0.0, metavar="ALPHA", help="Beta(a, a) cutmix; 0 = off")
     p.add_argument("--ema", type=float, default=0.0, metavar="DECAY", help="model EMA decay per step, e.g. 0.999; 0 = off")
@@ -174,7 +177,7 @@ def build_model(args, num_classes: int) -> tuple[SHViT, int, str]:
         return model, res, note
     base = get_config(args.variant) if args.variant else DIGITS_CONFIG
     model = create(base.replace(num_classes=num_classes, distillation=distill), drop_path_rate=args.drop_path)
-    default = default_resolution(model.config) if args.variant else datasets.DIGITS_RES
+    default = default_resolution(model.config) if args.variant else datasets.CANVAS_RES if args.data == "canvas" else datasets.DIGITS_RES
     return model, args.resolution or default, "random initialisation"
 
 
@@ -388,7 +391,7 @@ def prepare(args) -> tuple[Run, str]:
                                               use_buffers=True) if args.ema else None
     run = Run(args, device, rank, world, ds, model, sampler, batches,
               Step(net, model, opt, device, bf16, args.label_smoothing, args.clip_grad, teacher), sched, ema,
-              args.data != "digits" if args.flip is None else args.flip, history=[])
+              args.data not in ("digits", "canvas") if args.flip is None else args.flip, history=[])
     if args.resume:
         ck = read_training_state(run.checkpoint_path, model)
         model.load_state_dict(ck["model"])

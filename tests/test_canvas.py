@@ -83,3 +83,13 @@ def test_the_attention_figure_queries_the_token_under_a_digit():
     assert demo.token_of((left, left), 4, 128) == 0  # a digit in the top-left 32x32 token
     assert demo.token_of((left + 96, left + 32), 4, 128) == 3 * 4 + 1  # centre at (112, 48) in the crop
     assert demo.token_of((left + 96, left + 96), 2, 128) == 3  # stage 3's 2x2 grid
+
+
+def test_attention_on_ink_is_the_share_on_tokens_under_digits():
+    left = round((resize_size(128) - 128) / 2)
+    spec = data.CanvasSpec((0, 0, 0), (9, 1, 2), ((left, left), (left + 70, left + 80), (left, left + 96)), 0)
+    assert demo.ink_tokens(spec, 4, 128) == [0, 3, 8 + 2, 8 + 3, 12 + 2, 12 + 3]  # aligned: 1 token; straddling: 4
+    a = np.zeros((1, 16, 16), np.float32)
+    a[0, 0, [0, 5]] = 0.75, 0.25  # the 9's token: 3/4 on itself, 1/4 on background
+    shares = demo.attention_on_ink({"layer": a}, [spec], 4, 128)
+    assert shares == pytest.approx({"layer": 0.75, "uniform": 6 / 16})
