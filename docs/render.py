@@ -218,7 +218,7 @@ def masked(line: str) -> str:
         return line
     for rx, sub in MASKS:
         line = rx.sub(sub, line)
-    return line
+    return " ".join(line.split())  # a number one digit longer shifts a right-aligned column
 
 
 def same_line(a: str, b: str, varies: list[str]) -> bool:

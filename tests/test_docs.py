@@ -81,3 +81,10 @@ def test_stale_pages_are_caught(tmp_path):
     blocks = render.parse("```python\nx = 1\n```\n\n```python\n1 / 0\n```\n").blocks
     with pytest.raises(render.RenderError, match=r"(?s)block 2 \(line 5\) failed.*ZeroDivisionError"):
         render.run_blocks(blocks, "p.md", tmp_path)
+
+
+def test_a_timing_one_digit_longer_is_still_the_same_line():
+    from docs.render import same_line
+
+    assert same_line("second (JIT capture)          4.5 ms", "second (JIT capture)         14.0 ms", [])
+    assert not same_line("accuracy 0.889", "accuracy 0.890", [])  # not a timing: compared exactly
