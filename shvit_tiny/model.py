@@ -246,19 +246,14 @@ def from_host(host, device: str, half: bool = False) -> SHViT:
         if not hasattr(host.patch_embed[0], "bn"):  # the host model is folded: take the folded structure
             model.fuse(ready=False)
     model.dtype = dtypes.float16 if half else dtypes.float32
-    for name, child in host.children():
-        if isinstance(child, list):
-            for h, t in zip(child, getattr(model, name)):
-                copy_host(t, h, device, model.dtype)
-        else:
-            copy_host(getattr(model, name), child, device, model.dtype)
+    copy_host(model, host, device, model.dtype)
     model.labels, model.resolution, model.device = host.labels, host.resolution, device
-    model._jits.clear()
     return model
 
 
 def load(path, device: str | None = None, half: bool = False, fold: bool = True, cache: bool = True) -> SHViT:
-    """A canonical or timm ``.safetensors`` file -> model on ``device`` (tinygrad's default if None).
+    """A weight file (canonical or timm ``.safetensors``, the authors' or timm's ``.pth``) -> model
+    on ``device`` (tinygrad's default if None).
 
     The file is read and checked by shvit_numpy (every format it reads, the same errors), folded
     there unless ``fold=False``, and copied to the device in one step (see ``from_host``).

@@ -61,7 +61,7 @@ def render(model, shape: tuple[int, ...], backend: str) -> Rendered:
 
 def main(argv=None) -> int:
     from shvit_numpy.cli import fail
-    from shvit_numpy.config import VARIANTS, SHViTConfig, default_resolution
+    from shvit_numpy.config import VARIANTS, default_resolution
     from shvit_numpy.errors import ShvitError
 
     p = argparse.ArgumentParser(prog="python -m shvit_tiny.render", description=__doc__.splitlines()[0])
@@ -74,7 +74,7 @@ def main(argv=None) -> int:
         backends = [b.strip().upper() for b in args.backends.split(",") if b.strip()]
         if bad := [b for b in backends if b not in RENDERERS]:
             raise ShvitError(f"unknown backend {bad[0]!r}; expected some of {', '.join(RENDERERS)}")
-        cfg = SHViTConfig.variant(args.variant) if hasattr(SHViTConfig, "variant") else VARIANTS[args.variant]
+        cfg = VARIANTS[args.variant]
         res = args.resolution or default_resolution(cfg)
         if res < 1:
             raise ShvitError(f"--resolution must be >= 1, got {res}")
@@ -95,7 +95,9 @@ def main(argv=None) -> int:
 
 def null_model(cfg, half: bool = False):
     """An SHViT of ``cfg`` with its (placeholder) weights on the NULL device, folded as load() does."""
-    from .layers import building_on
+    from tinygrad import Context, Tensor
+
+    from .layers import building_on, tensors
     from .model import SHViT
 
     with building_on("NULL"):
@@ -103,10 +105,6 @@ def null_model(cfg, half: bool = False):
     model.device = "NULL"
     if half:
         model.half(ready=False)
-    from tinygrad import Context, Tensor
-
-    from .layers import tensors
-
     with Context(PARALLEL=0):
         Tensor.realize(*tensors(model.prepare()))  # the weights' own kernels, NULL's C renderer: not counted
     return model
