@@ -65,7 +65,10 @@ def test_matches_torch_on_cpu(tiny_cpu, ref):
 
 
 def test_matches_torch_on_cl(small, ref):
-    assert_close("tiny CL logits", shvit_tiny.load(small[1], device="CL")(X), ref, dtype=np.float32)
+    cl = shvit_tiny.load(small[1], device="CL")
+    for call in range(2):  # the second call is TinyJit's replay: replay.py's flat calls are for the CPU device only
+        assert_close(f"tiny CL logits, call {call}", cl(X), ref, dtype=np.float32)
+    assert cl._replays == {X.shape: None}
 
 
 def test_jit_replay_equals_no_jit_and_unfolded(small, tiny_cpu, ref):
@@ -79,6 +82,24 @@ def test_jit_replay_equals_no_jit_and_unfolded(small, tiny_cpu, ref):
     assert hasattr(unfolded.stages[0].blocks[0].conv.m, "bn")  # really unfolded: BatchNorm kept
     assert_close("unfolded", unfolded(X, jit=False), ref)
     assert_close("folded vs unfolded", no_jit, unfolded(X, jit=False))
+
+
+def test_cpu_replay_is_the_jits_own_answer(tiny_cpu, monkeypatch):
+    """replay.py: from a shape's second call on, numpy batches on the CPU device run the capture as
+    flat C calls; bit for bit TinyJit's replay, for new inputs (not the last output again)."""
+    from shvit_tiny.replay import CpuReplay, cpu_replay
+
+    tiny_cpu(X)
+    replay = tiny_cpu._replays[X.shape]
+    assert isinstance(replay, CpuReplay) and len(replay.calls) > 20
+    jit = tiny_cpu._jits[(X.shape, tiny_cpu.dtype, "CPU")]
+    for seed in (1, 2):
+        x = np.random.default_rng(seed).standard_normal(X.shape).astype(np.float32)
+        y = tiny_cpu(x)
+        np.testing.assert_array_equal(y, jit(Tensor(x, device="CPU").realize()).numpy(), err_msg=f"seed {seed}")
+        assert not np.array_equal(y, tiny_cpu(X))
+    monkeypatch.setenv("SHVIT_REPLAY", "0")
+    assert cpu_replay(jit, "CPU", X.shape, tiny_cpu.dtype) is None
 
 
 def test_odd_batch_and_shape(small, tiny_cpu):
