@@ -249,8 +249,8 @@ RUNTIMES = {r.key: r for r in [
             ("cpu", "cuda"), load_torch_channels_last, _T),
     Runtime("torch-traced", "shvit_torch folded, traced", "shvit_torch.optimize(): folded, channels_last, torch.jit.trace + freeze",
             "shvit", False, ("cpu", "cuda"), load_torch_traced, _T),
-    Runtime("torch-compile", "shvit_torch folded, torch.compile", "shvit_torch.optimize(mode='compile'): folded, channels_last, "
-            "torch.compile (inductor)", "shvit", True, ("cpu", "cuda"), load_torch_compile, _T),
+    Runtime("torch-compile", "shvit_torch folded, torch.compile", "shvit_torch.optimize(mode='compile'): folded, "
+            "torch.compile (inductor, frozen weights)", "shvit", True, ("cpu", "cuda"), load_torch_compile, _T),
     Runtime("numpy", "shvit_numpy", "plain NumPy (folded at load, channels-last inside)", "shvit", False, ("cpu",), load_numpy,
             ("numpy", "shvit_numpy")),
     Runtime("tiny-cpu", "shvit_tiny CPU (JIT)", "tinygrad CPU device (clang), TinyJit replay", "shvit", True, ("cpu",), load_tiny_cpu,

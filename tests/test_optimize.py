@@ -4,7 +4,7 @@ without a distillation head; inference only; bad input and a bad mode are one-li
 ``python -m shvit_torch.run --fast`` saves the same logits as without it.
 
 Cheap: a small config (every block type, a few thousand weights), a trace of ~0.1 s per shape;
-mode="compile" is not run here (inductor takes tens of seconds per shape on one core).
+mode="compile" (inductor, frozen weights) is run once, on one shape (~10 s to compile).
 """
 import numpy as np
 import pytest
@@ -45,6 +45,21 @@ def test_equals_eager_unfolded_model(model, fast):
             assert_close(f"optimize() {s}, pass {again}", fast(batch(s, i)), refs[i], dtype=np.float32)
     assert len(fast.graphs) == len(SHAPES)  # one frozen trace per shape, not one per call
     assert all(isinstance(g, torch.jit.ScriptModule) for g in fast.graphs.values())
+
+
+@pytest.mark.slow
+def test_compile_mode_equals_eager_unfolded_model():
+    """Inductor with frozen weights: the same answers, inputs kept in the default layout."""
+    torch._dynamo.reset()
+    m = shvit_torch.create(SMALL)
+    randomize(m, seed=32)
+    m.eval()
+    fast = shvit_torch.optimize(m, mode="compile")
+    assert fast.mode == "compile" and fast.memory_format == torch.contiguous_format
+    with torch.no_grad():
+        for seed in (0, 1):  # the second call replays the compiled graph
+            x = batch(SHAPES[1], seed)
+            assert_close(f"optimize(mode='compile') call {seed}", fast(x), m(x), dtype=np.float32)
 
 
 def test_example_traces_now_and_model_is_left_alone(model):
