@@ -146,7 +146,7 @@ def march_has_avx512(cpu: str) -> bool:
 def target_has_avx512() -> bool:
     """Whether tinygrad's CPU device compiles for a CPU with AVX-512: the CPU named in your
     ``DEV=CPU:CLANG:x86_64,<cpu>[,<features>]`` if you set one (``x86-64-v3`` or ``znver3``: AVX2),
-    else this machine. The register tiles follow it (layers.row_tile)."""
+    else this machine. The register tiles follow it (layers.product_tile)."""
     from tinygrad.helpers import DEV
 
     arch = (DEV.target("CPU").arch or "").split(",")

@@ -219,7 +219,7 @@ from shvit_tiny.devices import compile_context
 from shvit_tiny.layers import matmul_bias
 rng = np.random.default_rng(0)
 with compile_context("CPU") if sys.argv[1] == "wide" else contextlib.nullcontext():
-    for m, k, n in ((64, 24, 32), (9, 5, 12), (24, 16, 40)):
+    for m, k, n in ((64, 24, 32), (9, 5, 12), (24, 16, 40), (49, 24, 32)):
         a, w, b, r = (rng.standard_normal(s).astype(np.float32) for s in ((m, k), (k, n), (n,), (m, n)))
         out = matmul_bias(*(Tensor(t, device="CPU") for t in (a, w, b)), relu=True, residual=Tensor(r, device="CPU")).numpy()
         np.testing.assert_allclose(out, np.maximum(a @ w + b, 0) + r, rtol=1e-5, atol=1e-5)
@@ -261,16 +261,19 @@ def row_tile_of(source: str, rows: int) -> int:
     return rows // int(re.search(r"for \(int Lidx0 = 0; Lidx0 < (\d+);", source)[1])
 
 
-@pytest.mark.parametrize("dev, rows, widest", [
-    ("CPU:CLANG:x86_64,x86-64-v3", 4, "float8"),  # an AVX2 CPU (16 registers of 8 floats): 4 x 16 tiles
-    pytest.param(None, 8, "float16", marks=pytest.mark.skipif(not has_avx512(), reason="this CPU has no AVX-512")),
+@pytest.mark.parametrize("dev, rows, rows_49, widest", [
+    ("CPU:CLANG:x86_64,x86-64-v3", 4, 7, "float8"),  # an AVX2 CPU (16 registers of 8 floats): 4 x 16 tiles, 7 x 8 for 49 rows
+    pytest.param(None, 8, 7, "float16", marks=pytest.mark.skipif(not has_avx512(), reason="this CPU has no AVX-512")),
 ])
-def test_register_tiles_follow_the_target_cpu(dev, rows, widest):
+def test_register_tiles_follow_the_target_cpu(dev, rows, rows_49, widest):
     """The CPU kernels are tiled for the CPU clang compiles for: DEV's (x86-64-v3 = AVX2, checked
-    here on whichever CPU this is: its code runs on any AVX-512 CPU too) or this machine's."""
-    gemm = kernel_sources("0", "wide", dev)["gemm_64_32_24"]
-    assert row_tile_of(gemm, 64) == rows
+    here on whichever CPU this is: its code runs on any AVX-512 CPU too) or this machine's; 49
+    rows (a 7x7 map at batch 1) get 7-row tiles, not 1."""
+    sources = kernel_sources("0", "wide", dev)
+    gemm, gemm_49 = sources["gemm_64_32_24"], sources["gemm_49_32_24"]
+    assert row_tile_of(gemm, 64) == rows and row_tile_of(gemm_49, 49) == rows_49
     assert widest in gemm and (widest == "float16" or "float16" not in gemm)
+    assert widest in gemm_49 and (widest == "float16" or "float16" not in gemm_49)
 
 
 def test_compile_context_leaves_other_devices_and_your_dev_alone(monkeypatch):
