@@ -33,6 +33,7 @@ from .layers import (
     Stage,
     building_on,
     channels_last,
+    column_block,
     fuse,
     tensors,
 )
@@ -217,7 +218,7 @@ def copy_host(tiny, host, device: str, dtype) -> None:
         if isinstance(value, np.ndarray):
             setattr(tiny, name, device_tensor(value.astype(dtype.fmt), device))
     if hasattr(tiny, "w_mat"):
-        tiny.w_mat = device_tensor(host_matrix(tiny, host).astype(dtype.fmt), device)
+        tiny.w_mat = device_tensor(host_matrix(tiny, host, tiny.packs(device, dtype)).astype(dtype.fmt), device)
     for name, child in host.children():
         if isinstance(child, list):
             for h, t in zip(child, getattr(tiny, name)):
@@ -236,13 +237,20 @@ def device_tensor(a: np.ndarray, device: str) -> Tensor:
     return t
 
 
-def host_matrix(tiny, host) -> np.ndarray:
-    """numpy twin of ``Conv2d.matrix`` / ``Linear.prepare``: the weight in the layout its product reads."""
+def host_matrix(tiny, host, packed: bool) -> np.ndarray:
+    """numpy twin of ``Conv2d.prepare`` / ``Linear.prepare``: the weight in the layout its product
+    reads, ``packed`` as ``layers.pack_columns`` packs it."""
     w = host.weight
     if w.ndim == 2:  # Linear: weight.T
-        return w.T
-    cout, cin_g, k, _ = w.shape
-    return w.transpose(2, 3, 1, 0).reshape(k * k * cin_g, cout) if tiny.groups == 1 else w.reshape(cout, k * k).T
+        m = w.T
+    else:
+        cout, cin_g, k, _ = w.shape
+        m = w.transpose(2, 3, 1, 0).reshape(k * k * cin_g, cout) if tiny.groups == 1 else w.reshape(cout, k * k).T
+    if not packed:
+        return m
+    K, N = m.shape
+    P = column_block(N)
+    return m.reshape(K, N // P, P).transpose(1, 0, 2)
 
 
 def from_host(host, device: str, half: bool = False) -> SHViT:

@@ -102,6 +102,22 @@ def test_cpu_replay_is_the_jits_own_answer(tiny_cpu, monkeypatch):
     assert cpu_replay(jit, "CPU", X.shape, tiny_cpu.dtype) is None
 
 
+def test_product_weights_are_packed_on_the_cpu_only(tiny_cpu, small):
+    """load() lays out each 1x1 convolution's and the head's weight on the host, packed for the CPU
+    product kernel (layers.pack_columns); the host's packing is the device's own, and the dense 3x3
+    stem and other devices keep plain (K, N) matrices."""
+    from shvit_tiny.layers import pack_columns
+
+    ffn = tiny_cpu.stages[0].blocks[0].ffn.m.pw1  # folded: ConvBN -> Conv2d
+    for name, layer in (("FFN pw1", ffn), ("head", tiny_cpu.head)):
+        assert layer.w_mat.ndim == 3, name
+        np.testing.assert_array_equal(layer.w_mat.numpy(), pack_columns(layer.matrix() if name != "head" else layer.weight.T).numpy(),
+                                      err_msg=name)
+    assert tiny_cpu.patch_embed[0].w_mat.ndim == 2
+    cl = shvit_tiny.load(small[1], device="CL")
+    assert cl.stages[0].blocks[0].ffn.m.pw1.w_mat.ndim == 2 and cl.head.w_mat.ndim == 2
+
+
 def test_odd_batch_and_shape(small, tiny_cpu):
     """Batch 1 and 33 x 70: row counts of the CPU products (15, 6, 2 pixels) that no tile divides."""
     x = np.random.default_rng(1).standard_normal((1, 3, 33, 70)).astype(np.float32)
