@@ -225,6 +225,22 @@ def gemm_kernel(C: UOp, A: UOp, B: UOp, bias: UOp, *res: UOp, relu: bool = False
     return C.end(i, jo, ji).sink(arg=KernelInfo(name=f"gemm_{M}_{N}_{K}", opts_to_apply=opts))
 
 
+def attend_kernel(O: UOp, A: UOp, QKV: UOp, offset: int) -> UOp:
+    """Each query's weighted sum of the values, per image: O[b, i, c] = sum over j of
+    A[b, i, j] * QKV[b, j, offset + c], with A the attention (B, N, N) and the values read in
+    place from the qkv map (B, N, 2*qk + pdim) (no transposed copy). Tiled as a product
+    (product_tile): tinygrad's generic reduce ran this at 9 GFLOPS, 0.4 ms per block at batch 16."""
+    Bt, N, P = O.shape
+    b, i, c = UOp.range(Bt, 0), UOp.range(N, 1), UOp.range(P, 2)
+    j = UOp.range(N, 3, axis_type=AxisType.REDUCE)
+    O = O[b, i, c].set(0.0)
+    O = O[b, i, c].set(O.after(j)[b, i, c] + A[b, i, j] * QKV[b, j, offset + c], end=j)
+    rows, channels = product_tile(N, P)
+    sizes = (Bt, N, P)
+    opts = channel_upcasts(sizes, 2, channels) + upcasts(sizes, (1, rows))
+    return O.end(b, i, c).sink(arg=KernelInfo(name=f"attend_{N}_{P}", opts_to_apply=opts))
+
+
 def padded_load(X: UOp, b: UOp, iy: UOp, ix: UOp, c: UOp) -> UOp:
     """X[b, iy, ix, c] of a map zero-padded on the fly: outside it the load is skipped and 0 is
     read (a gated load), so no padded copy of the map is ever written."""
@@ -471,13 +487,19 @@ class SingleHeadAttention(Module):
         """(B, H, W, C) -> attended x1 (B, H, W, pdim), untouched x2 (B, H, W, C - pdim), attn (B, N, N)."""
         B, H, W, C = x.shape
         x1, x2 = x[..., :self.pdim], x[..., self.pdim:]
-        qkv = self.qkv(self.pre_norm(x1)).reshape(B, H * W, -1).transpose(1, 2)  # (B, 2qk + pdim, N): tokens are pixels
+        tokens = self.qkv(self.pre_norm(x1)).reshape(B, H * W, -1)  # (B, N, 2qk + pdim): tokens are pixels
+        qkv = tokens.transpose(1, 2)  # (B, 2qk + pdim, N)
         q, k, v = qkv[:, :self.qk_dim], qkv[:, self.qk_dim:2 * self.qk_dim], qkv[:, 2 * self.qk_dim:]
         scores = (q.transpose(1, 2) @ k).float() * self.scale  # (B, N, N), float32 even in half mode
         attn = scores.softmax(-1).cast(x.dtype).contiguous()  # rows are queries, sum to 1; realised once (else
         # tinygrad recomputes the exponentials inside the next product, once per value channel)
-        x1 = (attn @ v.transpose(1, 2)).reshape(B, H, W, self.pdim).contiguous()  # each query's weighted mean of
-        # the values; realised, else the concatenation below runs this product for all C channels
+        if use_cpu_kernels(attn):  # the values read in place from the qkv map, (B, N, 2qk + pdim)
+            out = Tensor.empty(B, H * W, self.pdim, device=x.device, dtype=x.dtype)
+            fxn = functools.partial(attend_kernel, offset=2 * self.qk_dim)
+            x1 = out.custom_kernel(attn, tokens, fxn=fxn)[0].reshape(B, H, W, self.pdim)
+        else:  # each query's weighted mean of the values; realised, else the concatenation below runs
+            # this product for all C channels
+            x1 = (attn @ v.transpose(1, 2)).reshape(B, H, W, self.pdim).contiguous()
         return x1, x2, attn
 
     def forward(self, x, residual=None):

@@ -11,7 +11,7 @@ FMA peak. This pass, run right after tinygrad's own grouping, merges each pair o
 products then run at ~120 GFLOPS with 8 floats and ~150 with 16. Nothing else changes: the same
 values are read and written, in the same order per element, so results are bit for bit the same.
 
-Scope: only kernels this package writes (their names start with ``gemm``, ``conv`` or ``dw``)
+Scope: only kernels this package writes (their names start with ``gemm``, ``conv``, ``dw`` or ``attend``)
 on tinygrad's CPU device; every other kernel, and every other device, is left to tinygrad
 (OpenCL, Metal and CUDA pick their own widths). Alignment: a vector of n floats is declared
 4n-byte aligned, as tinygrad declares ``float4`` 16-byte aligned; tinygrad's CPU buffers are
@@ -28,7 +28,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-KERNEL_PREFIXES = ("gemm", "conv", "dw")
+KERNEL_PREFIXES = ("gemm", "conv", "dw", "attend")
 PINNED = "0.14.0"
 
 
