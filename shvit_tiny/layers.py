@@ -133,18 +133,31 @@ def use_cpu_kernels(*ts: Tensor) -> bool:
     return all(cpu_kernels_on(t.device, t.dtype) for t in ts)
 
 
+def padded_columns(n: int) -> int:
+    """A product's output columns, rounded up to a multiple of 16 where 8 does not divide them:
+    the register tiles are 8 to 32 channels wide, and a count such as S2's 308 = 4 x 77 (or S3's
+    qkv, 107, a prime) would otherwise get 4- or 1-channel tiles (S2 at batch 16: 115 ms, padded
+    66). The extra columns are computed from zero weights and dropped. Up to 16 columns are left
+    as they are: cheap either way, and there the gate ``j < n`` would divide the tile evenly, which
+    tinygrad turns into a split range the tile no longer fits."""
+    return n if n % 8 == 0 or n <= 16 else -(-n // 16) * 16
+
+
 def column_block(n: int) -> int:
-    """Columns per block of a packed product weight: 32 where they divide n, else 16, 8, ..."""
+    """Columns per block of a packed product weight (n padded): 32 where they divide n, else 16."""
     return tile(n, (32, 16, 8, 4, 2, 1))
 
 
 def pack_columns(w: Tensor) -> Tensor:
-    """A product's weight (K, N) -> (N/P, K, P), P = column_block(N): a register tile's weights,
-    P columns for every k, then lie one after another in memory, so the product reads them as one
-    sequential stream instead of P floats every N (see gemm_kernel). Not realised."""
+    """A product's weight (K, N) -> (Np/P, K, P), Np = padded_columns(N) (zero columns added),
+    P = column_block(Np): a register tile's weights, P columns for every k, then lie one after
+    another in memory, so the product reads them as one sequential stream instead of P floats
+    every N (see gemm_kernel). Not realised."""
     K, N = w.shape
-    P = column_block(N)
-    return w.reshape(K, N // P, P).permute(1, 0, 2)
+    Np = padded_columns(N)
+    w = w.pad(((0, 0), (0, Np - N))) if Np > N else w
+    P = column_block(Np)
+    return w.reshape(K, Np // P, P).permute(1, 0, 2)
 
 
 def kernel_epilogue(y: UOp, relu: bool, residual: UOp | None) -> UOp:
@@ -208,7 +221,8 @@ def channel_upcasts(sizes: tuple[int, ...], r: int, amounts: tuple) -> tuple:
 
 def gemm_kernel(C: UOp, A: UOp, B: UOp, bias: UOp, *res: UOp, relu: bool = False) -> UOp:
     """C = A @ W + bias, (M, K) @ (K, N) + (N,), then ReLU and + res[0] (M, N) if asked; W packed
-    (pack_columns): B[jo, k, ji] = W[k, jo*P + ji]. Tiled up to 8 rows x 32 columns (product_tile).
+    (pack_columns): B[jo, k, ji] = W[k, jo*P + ji]; C has the padded width Np (bias and residual
+    read as 0 past N). Tiled up to 8 rows x 32 columns (product_tile).
     At batch 1 every weight comes from memory once per call (S1's are 25 MB, more than the
     caches): read as one stream per tile, the products of stage 3 (16 rows) took 48 us, not 90."""
     M, N = C.shape
@@ -216,9 +230,14 @@ def gemm_kernel(C: UOp, A: UOp, B: UOp, bias: UOp, *res: UOp, relu: bool = False
     i, jo, ji = UOp.range(M, 0), UOp.range(N // P, 1), UOp.range(P, 2)
     k = UOp.range(K, 3, axis_type=AxisType.REDUCE)
     j = jo * P + ji
+    n = bias.shape[0]  # the real width; C's columns past it are padding
+
+    def upto_n(t: UOp) -> UOp:
+        return t if n == N else (j < n).where(t, 0.0)  # a gated load: no read past N
+
     C = C[i, j].set(0.0)
     C = C[i, j].set(C.after(k)[i, j] + A[i, k] * B[jo, k, ji], end=k)  # the sum over K, in registers
-    C = C[i, j].set(kernel_epilogue(C[i, j] + bias[j], relu, res[0][i, j] if res else None))
+    C = C[i, j].set(kernel_epilogue(C[i, j] + upto_n(bias[j]), relu, upto_n(res[0][i, j]) if res else None))
     rows, channels = product_tile(M, N)
     sizes = (M, N // P, P)
     opts = channel_upcasts(sizes, 2, channels) + upcasts(sizes, (0, rows))  # channel tiles divide P (both from N's factors of 2)
@@ -285,21 +304,24 @@ def bias_or_zeros(bias: Tensor | None, n: int, like: Tensor) -> Tensor:
     return bias if bias is not None else Tensor.zeros(n, device=like.device, dtype=like.dtype).contiguous()
 
 
-def matmul_bias(x: Tensor, w: Tensor, bias: Tensor | None, relu: bool = False, residual: Tensor | None = None) -> Tensor:
-    """(M, K) @ W (+ bias), then ReLU and + residual (M, N) if asked. W is (K, N), or on the CPU
-    device already packed, (N/P, K, P) (pack_columns; prepared layers hold it so)."""
+def matmul_bias(x: Tensor, w: Tensor, bias: Tensor | None, relu: bool = False, residual: Tensor | None = None,
+                n: int | None = None) -> Tensor:
+    """(M, K) @ W (+ bias), then ReLU and + residual (M, n) if asked. W is (K, n), or on the CPU
+    device already packed (pack_columns; prepared layers hold it so: then pass n)."""
     if not use_cpu_kernels(x, w):
         return epilogue(x @ w if bias is None else x @ w + bias, relu, residual)
-    w = pack_columns(w).contiguous() if w.ndim == 2 else w
-    n = w.shape[0] * w.shape[2]
-    out = Tensor.empty(x.shape[0], n, device=x.device, dtype=x.dtype)
+    if w.ndim == 2:
+        n, w = w.shape[1], pack_columns(w).contiguous()
+    padded = w.shape[0] * w.shape[2]
+    out = Tensor.empty(x.shape[0], padded, device=x.device, dtype=x.dtype)
     res = () if residual is None else (residual,)
     fxn = functools.partial(gemm_kernel, relu=relu)
-    return out.custom_kernel(x, w, bias_or_zeros(bias, n, x), *res, fxn=fxn)[0]
+    y = out.custom_kernel(x, w, bias_or_zeros(bias, n, x), *res, fxn=fxn)[0]
+    return y if padded == n else y[:, :n]
 
 
 def conv_dense(x: Tensor, w_mat: Tensor, bias: Tensor | None, k: int, stride: int, padding: int,
-               relu: bool = False, residual: Tensor | None = None) -> Tensor:
+               relu: bool = False, residual: Tensor | None = None, n: int | None = None) -> Tensor:
     """Dense convolution, (B, H, W, C_in) -> (B, H', W', C_out), as a matrix product with
     ``w_mat`` (k*k*C_in, C_out): a 1x1 convolution is one product over all pixels, (B*H*W, C_in)
     @ (C_in, C_out). A k x k one is the CPU kernel above, or elsewhere an im2col matrix (made
@@ -308,7 +330,7 @@ def conv_dense(x: Tensor, w_mat: Tensor, bias: Tensor | None, k: int, stride: in
     B, H, W, C = x.shape
     if k == 1 and stride == 1 and padding == 0:  # pixels as ONE row axis
         res = None if residual is None else residual.reshape(B * H * W, -1)
-        return matmul_bias(x.reshape(B * H * W, C), w_mat, bias, relu, res).reshape(B, H, W, -1)
+        return matmul_bias(x.reshape(B * H * W, C), w_mat, bias, relu, res, n).reshape(B, H, W, -1)
     Ho, Wo = (H + 2 * padding - k) // stride + 1, (W + 2 * padding - k) // stride + 1
     if use_cpu_kernels(x, w_mat):
         out = Tensor.empty(B, Ho, Wo, w_mat.shape[1], device=x.device, dtype=x.dtype)
@@ -371,8 +393,10 @@ class Conv2d(Module):
 
     def forward(self, x, relu=False, residual=None):  # (B, H, W, C_in) -> (B, H', W', C_out)
         w = self.w_mat if self.w_mat is not None else self.matrix()
-        conv = conv_dense if self.groups == 1 else conv_depthwise
-        return conv(x, w, self.bias, self.weight.shape[-1], self.stride, self.padding, relu, residual)
+        k = self.weight.shape[-1]
+        if self.groups == 1:
+            return conv_dense(x, w, self.bias, k, self.stride, self.padding, relu, residual, n=self.weight.shape[0])
+        return conv_depthwise(x, w, self.bias, k, self.stride, self.padding, relu, residual)
 
 
 class BatchNorm2d(Module):
@@ -579,7 +603,7 @@ class Linear(Module):
         self.w_mat = (pack_columns(w) if self.packs(self.weight.device, self.weight.dtype) else w).contiguous()
 
     def forward(self, x):  # (B, C_in) -> (B, C_out): the CPU's product kernel (tinygrad's own reduce: 0.3 ms at batch 1)
-        return matmul_bias(x, self.w_mat if self.w_mat is not None else self.weight.T, self.bias)
+        return matmul_bias(x, self.w_mat if self.w_mat is not None else self.weight.T, self.bias, n=self.weight.shape[0])
 
 
 class NormLinear(Module):

@@ -35,6 +35,7 @@ from .layers import (
     channels_last,
     column_block,
     fuse,
+    padded_columns,
     tensors,
 )
 from .layers import prepare as prepare_tree
@@ -151,7 +152,7 @@ class SHViT(Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """The lazy graph, no JIT: (B, 3, H, W) -> (B, classes) float32."""
-        return self.forward_head(self.forward_features(x.cast(self.dtype))).float()
+        return self.forward_head(self.forward_features(x.cast(self.dtype))).float().contiguous()  # its own buffer (replay.py reads it)
 
     def _jitted(self, x: Tensor) -> Tensor:
         """The forward pass as a TinyJit capture, one per input shape: from the compiled-model
@@ -191,7 +192,8 @@ class SHViT(Module):
             return replay(x)  # the capture as flat C calls (CPU device, from the second call of a shape on)
         t = Tensor(np.ascontiguousarray(x), device=self.device).realize()
         if not jit:
-            return self.forward(t).numpy()
+            with compile_context(self.device):  # the JIT's kernels, compiled as the JIT compiles them
+                return self.forward(t).numpy()
         y = self._jitted(t).numpy()
         if x.shape not in self._replays:
             self._replays[x.shape] = cpu_replay(self._jits[(t.shape, t.dtype, t.device)], self.device, x.shape, t.dtype)
@@ -249,8 +251,10 @@ def host_matrix(tiny, host, packed: bool) -> np.ndarray:
     if not packed:
         return m
     K, N = m.shape
-    P = column_block(N)
-    return m.reshape(K, N // P, P).transpose(1, 0, 2)
+    Np = padded_columns(N)
+    m = np.pad(m, ((0, 0), (0, Np - N)))
+    P = column_block(Np)
+    return m.reshape(K, Np // P, P).transpose(1, 0, 2)
 
 
 def from_host(host, device: str, half: bool = False) -> SHViT:

@@ -232,13 +232,18 @@ import numpy as np
 from tinygrad import Tensor
 import shvit_tiny
 from shvit_tiny.devices import compile_context
-from shvit_tiny.layers import matmul_bias
+from shvit_tiny.layers import conv_depthwise, matmul_bias
 rng = np.random.default_rng(0)
 with compile_context("CPU") if sys.argv[1] == "wide" else contextlib.nullcontext():
-    for m, k, n in ((64, 24, 32), (9, 5, 12), (24, 16, 40), (49, 24, 32)):
+    for m, k, n in ((64, 24, 32), (9, 5, 12), (24, 16, 40), (24, 20, 44), (49, 24, 32)):
         a, w, b, r = (rng.standard_normal(s).astype(np.float32) for s in ((m, k), (k, n), (n,), (m, n)))
         out = matmul_bias(*(Tensor(t, device="CPU") for t in (a, w, b)), relu=True, residual=Tensor(r, device="CPU")).numpy()
         np.testing.assert_allclose(out, np.maximum(a @ w + b, 0) + r, rtol=1e-5, atol=1e-5)
+    x, wt = rng.standard_normal((1, 6, 6, 12)).astype(np.float32), rng.standard_normal((9, 12)).astype(np.float32)
+    out = conv_depthwise(Tensor(x, device="CPU"), Tensor(wt, device="CPU"), None, 3, 1, 1).numpy()  # 12 channels: 4-float tiles
+    xp = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    ref = sum(xp[:, i:i + 6, j:j + 6] * wt[3 * i + j] for i in range(3) for j in range(3))
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
 print("VALUES OK")
 """
 
@@ -254,12 +259,14 @@ def kernel_sources(parallel: str, context: str, dev: str | None = None) -> dict[
 def test_cpu_kernels_use_eight_float_vectors(parallel):
     """shvit_tiny.wide_vectors widens the CPU kernels' 4-float accesses to 8 (2x the products'
     speed on AVX2/AVX-512), in this process (PARALLEL=0) and in tinygrad's spawned compile
-    workers (PARALLEL=2), and the values stay exact; shapes whose width is not a multiple of 8
-    keep 4-float vectors."""
+    workers (PARALLEL=2), and the values stay exact. 44 output columns are computed as 48
+    (layers.padded_columns); a depthwise kernel over 12 channels, not a multiple of 8, keeps
+    4-float vectors."""
     sources = kernel_sources(parallel, "plain")
     assert "float8" in sources["gemm_64_32_24"], "the 64x32 product was not widened"
     assert "float8" in sources["gemm_24_40_16"], "the 24x40 product was not widened"
-    assert "float8" not in sources["gemm_9_12_5"] and "float4" in sources["gemm_9_12_5"]
+    assert "float8" in sources["gemm_24_48_20"], "the 24x44 product (padded to 48) was not widened"
+    assert "float8" not in sources["dw3s1_6_6_12"] and "float4" in sources["dw3s1_6_6_12"]
 
 
 @pytest.mark.skipif(not has_avx512(), reason="16-float vectors are asked for on AVX-512 CPUs only")
@@ -269,7 +276,8 @@ def test_avx512_compiles_use_sixteen_float_vectors():
     sources = kernel_sources("2", "wide")
     assert "float16" in sources["gemm_64_32_24"]  # 16-column tiles
     assert "float8" in sources["gemm_24_40_16"] and "float16" not in sources["gemm_24_40_16"]  # 40 = 5 x 8
-    assert "float8" not in sources["gemm_9_12_5"]
+    assert "float16" in sources["gemm_24_48_20"]  # 44 padded to 48 = 3 x 16
+    assert "float8" not in sources["dw3s1_6_6_12"]
 
 
 def row_tile_of(source: str, rows: int) -> int:
