@@ -114,14 +114,15 @@ def taps(x: Tensor, k: int, stride: int, padding: int):
 
 # ---- the CPU device's convolutions ------------------------------------------------------------
 # tinygrad's own kernel heuristic tiles a matrix product 4 x 4 (4 rows x one float4) and reaches
-# about 30 GFLOPS on one core here. The three custom kernels below state the same sums in
-# tinygrad's UOp language with a wider register tile (8 rows x 16 output channels, 32 when
-# compiling for AVX-512: many accumulators per loaded value); a dense 3x3 convolution reads its
-# windows and its zero padding straight from the map (no im2col or padded copy), and bias, ReLU
-# and residual are applied before the store. tinygrad's C code then moves 4 floats at a time;
-# wide_vectors.py widens these kernels' loads and stores to 8 (16 on AVX-512), so clang
-# multiplies in 256-bit (512-bit) registers: the products run at 120-200 GFLOPS (60 with 4-float
-# vectors). S1 on one core: ~35 img/s with the generic ops, ~230 with these. Other devices (GPUs,
+# about 30 GFLOPS on one core here. The four custom kernels below state the same sums in
+# tinygrad's UOp language with a wider register tile (up to 8 rows x 32 output channels on
+# AVX-512, 4 x 16 on AVX2: many accumulators per loaded value, product_tile); products read their
+# weights packed (pack_columns); a dense 3x3 convolution reads its windows and its zero padding
+# straight from the map (no im2col or padded copy), and bias, ReLU and residual are applied before
+# the store. tinygrad's C code then moves 4 floats at a time; wide_vectors.py widens these
+# kernels' loads and stores to 8 (16 on AVX-512), so clang multiplies in 256-bit (512-bit)
+# registers: the products run at 120-235 GFLOPS (60 with 4-float vectors). S1 on one core: ~35
+# img/s with the generic ops, ~357 with these (make bench, 2026-12-02). Other devices (GPUs,
 # OpenCL) and float16 keep tinygrad's generic ops, which it tiles itself.
 
 def cpu_kernels_on(device: str, dtype) -> bool:

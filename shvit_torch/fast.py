@@ -2,14 +2,15 @@
 
 What it does, in order: an eval-mode copy with every BatchNorm folded (``model.fuse()``), then either
 
-* ``mode="trace"`` (default): weights and input in channels-last memory format, ``torch.jit.trace`` on a batch of the input's shape, then
-  ``torch.jit.freeze`` (weights inlined as constants, the graph simplified around them). A trace
-  records one run and torch promises it only for the shape it saw, so each new (shape, dtype,
-  device) is traced on its first call (~0.3 s for S1 at 224 on one core) and kept, up to
-  ``MAX_SHAPES`` of them. Re-tracing is chosen over a one-shape restriction because any height
-  and width is valid SHViT input and a wrong answer for an untraced shape would be silent (today's
-  traces happen to carry sizes symbolically, but that is not a promise); one trace per shape is
-  cheap. For a stream of ever-changing shapes use the eager ``model.fuse()``.
+* ``mode="trace"`` (default): weights and input in channels-last memory format,
+  ``torch.jit.trace`` on a batch of the input's shape, then ``torch.jit.freeze`` (weights inlined
+  as constants, the graph simplified around them). A trace records one run and torch promises it
+  only for the shape it saw, so each new (shape, dtype, device) is traced on its first call
+  (~0.3 s for S1 at 224 on one core) and kept, up to ``MAX_SHAPES`` of them. Re-tracing is chosen over a
+  one-shape restriction because any height and width is valid SHViT input and a wrong answer for
+  an untraced shape would be silent (today's traces happen to carry sizes symbolically, but that
+  is not a promise); one trace per shape is cheap. For a stream of ever-changing shapes use the
+  eager ``model.fuse()``.
 * ``mode="compile"``: ``torch.compile`` (inductor) with inductor's ``freezing``: weights become
   constants of the graph, so each convolution is a oneDNN primitive with its weight pre-packed
   into oneDNN's blocked layout once and ReLU and residual add fused into it. Its first call
