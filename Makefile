@@ -47,8 +47,9 @@ render-check: install  ## S1 at 224 lowered to Metal, CUDA, OpenCL and WGSL sour
 	$(PY) -m shvit_tiny.render --variant s1
 	$(PY) -m shvit_tiny.render --variant s1 --half
 
-bench: install
+bench: install  ## latest.{json,md} and docs/bench.png, then docs/throughput.png from the same latest.json
 	$(PY) -m benchmarks.bench
+	$(PY) -m docs.figures throughput
 
 figures: install
 	$(PY) -m docs.figures

@@ -22,7 +22,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-from matplotlib.patches import FancyArrowPatch, FancyBboxPatch  # noqa: E402
+from matplotlib.patches import FancyArrowPatch, FancyBboxPatch, Patch  # noqa: E402
 
 from shvit_numpy import profile  # noqa: E402
 from shvit_numpy.config import RESOLUTION, VARIANTS, get_config  # noqa: E402
@@ -166,15 +166,19 @@ def macs_memory(path: Path) -> None:
         conv = np.array([costs[v][p]["conv"] for p in parts]) / 1e6
         attn = np.array([costs[v][p]["attn"] for p in parts]) / 1e6
         axes[0].bar(xs, conv, width, color=cmap[i], label=f"{v} ({RESOLUTION[v]}²)")
-        axes[0].bar(xs, attn, width, bottom=conv, color=cmap[i], hatch="////", edgecolor="white", lw=0)
+        # attention's own products: under 1% of any bar, so a black top (a line at most), named in the legend
+        axes[0].bar(xs, attn, width, bottom=conv, color="black", lw=0)
         act = np.array([costs[v][p]["act"] for p in parts]) / 2**20
         axes[1].bar(xs, act, width, color=cmap[i], label=v)
-    axes[0].bar([], [], color="white", hatch="////", edgecolor="#666666", label="hatched: attention (qᵀk, v·attnᵀ)")
+    share = max(costs[v][p]["attn"] / (costs[v][p]["conv"] + costs[v][p]["attn"]) for v in variants for p in parts)
+    handles, labels = axes[0].get_legend_handles_labels()
+    handles.append(Patch(facecolor="black"))
+    labels.append(f"black tops: attention (qᵀk, v·attnᵀ),\nat most {100 * share:.1f}% of a bar")
     axes[0].set(xticks=range(len(parts)), xticklabels=parts, ylabel="million multiply-accumulates",
                 title="MACs per stage (batch 1)")
     axes[1].set(xticks=range(len(parts)), xticklabels=parts, ylabel="MiB (float32)",
                 title="activation memory per stage\n(sum of every layer's output, batch 1)")
-    axes[0].legend(fontsize=8)
+    axes[0].legend(handles, labels, fontsize=8)
     axes[1].legend(fontsize=8)
     # the macro-design comparison at 224 and s1's widths
     table = profile.macro_table(224)
@@ -301,6 +305,7 @@ def bench_result() -> dict | None:
         if p.is_file():
             result = json.loads(p.read_text())
             if result.get("speed") and result.get("device", "cpu") == "cpu":
+                result["source"] = p.relative_to(ROOT).as_posix()  # named in the figure's title
                 return result
     return None
 
@@ -340,8 +345,8 @@ def throughput(path: Path) -> bool:
     busy = ", a busy machine: noisy" if load is not None and load > 0.5 * result["machine"]["cores"] else ""
     ax.set(xticks=range(len(keys)), xticklabels=[THREE[k] for k in keys], ylabel="images / s (higher is better)",
            title=f"One weight file, three runtimes: SHViT-S1 at 224, batch {batch}\n{result['machine']['cpu']}, "
-                 f"{result['machine']['cores']} cores\n{result['mode']} run of `make bench`, {result['started'][:10]}{busy}; "
-                 "median, whiskers min–max")
+                 f"{result['machine']['cores']} cores\n{result['mode']} run of `make bench`, {result['started'][:10]}{busy} "
+                 f"({result['source']}); median, whiskers min–max")
     ax.title.set_fontsize(9.5)
     ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3)
