@@ -1,7 +1,4 @@
-"""The dependency-free base: config, name mapping, preprocessing, and the shared CLI's input errors."""
-import subprocess
-import sys
-
+"""The dependency-free base: config, name mapping, preprocessing, and the shared CLI."""
 import numpy as np
 import pytest
 import torch
@@ -76,10 +73,6 @@ def test_preprocessing_crops_and_normalises(tmp_path):
     assert x[0, :, :12].max() < 0 < x[0, :, 20:].min()
 
 
-def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "shvit_torch.run", *map(str, args)], capture_output=True, text=True)
-
-
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory):
     path = tmp_path_factory.mktemp("w") / "small.safetensors"
@@ -89,37 +82,20 @@ def weights(tmp_path_factory):
     return path, model.eval()
 
 
-def test_cli_image_and_labels_from_file(weights, tmp_path):
+def test_cli_image_and_labels_from_file(weights, tmp_path, capsys):
+    """The shared CLI (here shvit_torch.run's, in this process) takes the file's resolution and labels.
+    Its input errors: tests/test_bad_input.py."""
     path, model = weights
     import sklearn
 
+    from shvit_torch import run
+
     china = f"{sklearn.__path__[0]}/datasets/images/china.jpg"
-    r = run_cli("--weights", path, "--image", china, "--topk", "2", "--save-logits", tmp_path / "y.npy")
-    assert r.returncode == 0, r.stderr
+    assert run.main(["--weights", str(path), "--image", china, "--topk", "2", "--save-logits", str(tmp_path / "y.npy")]) == 0
+    out = capsys.readouterr().out
     x = load_image(china, 40)[None]  # the file's resolution
     with torch.no_grad():
         ref = model(torch.from_numpy(x)).numpy()
     np.testing.assert_allclose(np.load(tmp_path / "y.npy"), ref, rtol=1e-4, atol=1e-4)
     top = "abcdefg"[int(ref[0].argmax())]
-    assert r.stdout.startswith(f"china.jpg: {top} (")
-
-
-@pytest.mark.parametrize("array,match", [
-    (np.zeros((3, 32, 32), np.float32), "rank 3"), (np.zeros((1, 1, 32, 32), np.float32), "1 channels"),
-    (np.zeros((1, 3, 32, 32), np.float64), "dtype float64"), (np.full((1, 3, 8, 8), np.inf, np.float32), "NaN or infinite"),
-    (np.zeros((0, 3, 8, 8), np.float32), "batch, height and width >= 1"),
-])
-def test_cli_bad_input_arrays(weights, tmp_path, array, match):
-    np.save(tmp_path / "x.npy", array)
-    r = run_cli("--weights", weights[0], "--input", tmp_path / "x.npy")
-    assert r.returncode == 2 and match in r.stderr and "Traceback" not in r.stderr, r.stderr
-    assert len(r.stderr.strip().splitlines()) == 1
-
-
-@pytest.mark.parametrize("args,match", [
-    (["--topk", "-1"], "--topk must be >= 0"), (["--device", "tpu"], "unknown device 'tpu'"),
-    (["--image", "nope.jpg"], "image not found"), (["--bogus"], "unrecognized arguments"),
-])
-def test_cli_bad_flags(weights, args, match):
-    r = run_cli("--weights", weights[0], *args)
-    assert r.returncode == 2 and match in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert out.startswith(f"china.jpg: {top} (")

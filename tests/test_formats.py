@@ -1,10 +1,7 @@
-"""Weight files: canonical, timm and the authors' formats load and reproduce the model's logits;
-every bad file gives the library's one-line error (API) and exit code 2 (CLIs)."""
+"""Weight files: canonical, timm and the authors' formats load and reproduce the model's logits.
+Bad files (the one-line library error, the CLIs' exit 2): tests/test_bad_input.py."""
 import json
 import os
-import re
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -16,6 +13,7 @@ from shvit_numpy.config import VARIANTS, SHViTConfig
 from shvit_numpy.errors import ShvitError
 from shvit_numpy.names import state_shapes
 from shvit_numpy.weights import load_weights, read_safetensors
+from shvit_torch import convert
 from tests.helpers import assert_close, authors_file, randomize
 
 SMALL = SHViTConfig(embed_dim=(16, 24, 40), partial_dim=(4, 8, 12), depth=(1, 2, 1), num_classes=7)
@@ -160,64 +158,7 @@ def test_convert_cli_authors_to_canonical(tmp_path, s1):
     model, state = s1
     authors_file(state, tmp_path / "shvit_s1.pth", training=True, two_d=True)
     out = tmp_path / "s1.safetensors"
-    r = subprocess.run([sys.executable, "-m", "shvit_torch.convert", str(tmp_path / "shvit_s1.pth"), str(out)],
-                       capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
+    assert convert.main([str(tmp_path / "shvit_s1.pth"), str(out)]) == 0  # in this process; as python -m: tests/test_bad_input.py
     w = load_weights(out)  # the numpy base reads it: no torch needed from here on
     assert w.config == VARIANTS["s1"] and w.labels[0] == "tench" and len(w.labels) == 1000
     assert torch.equal(logits(shvit_torch.load(out)), logits(model))
-
-
-# ---- bad files: the API raises ShvitError with one line; the CLIs exit 2 without a traceback ----
-
-SHAPE_ERROR = r"tensor 'stages.1.blocks.0.mixer.m.qkv.c.weight' has shape \[80, 47, 1, 1\], expected \[80, 48, 1, 1\]"
-
-
-def _bad_files(tmp_path, s1) -> dict:
-    """{expected error text: a file that must cause it}."""
-    model, state = s1
-    torch_state = {k: torch.from_numpy(v) for k, v in state.items()}
-    shvit_torch.save(model, tmp_path / "good.safetensors")
-    good = (tmp_path / "good.safetensors").read_bytes()
-    torch.save({"model": torch_state}, tmp_path / "full.pth")
-    full = (tmp_path / "full.pth").read_bytes()
-    files = {}
-
-    def add(match, name, writer):
-        files[match] = tmp_path / name
-        writer(files[match])
-
-    add("weight file not found", "missing.safetensors", lambda p: None)
-    add("truncated", "trunc.safetensors", lambda p: p.write_bytes(good[: len(good) // 2]))
-    add("not a valid safetensors", "text.safetensors", lambda p: p.write_text("hello, I am not a checkpoint\n" * 10))
-    add("not a readable torch checkpoint", "trunc.pth", lambda p: p.write_bytes(full[: len(full) // 3]))
-    add("empty", "empty.pth", lambda p: p.write_bytes(b""))
-    add("unknown tensor 'stages.0.blocks.0.extra'", "unknown.safetensors",
-        lambda p: safetensors.numpy.save_file({**state, "stages.0.blocks.0.extra": np.zeros(3, np.float32)}, p))
-    add("missing tensor 'head.l.bias'", "missing_key.pth",
-        lambda p: torch.save({k: v for k, v in torch_state.items() if k != "head.l.bias"}, p))
-    bad = {**state, "stages.1.blocks.0.mixer.m.qkv.c.weight": np.zeros((80, 47, 1, 1), np.float32)}
-    add(SHAPE_ERROR, "shape.safetensors",
-        lambda p: safetensors.numpy.save_file(bad, p, metadata={"shvit_config": model.config.to_json()}))
-    add("holds no SHViT weights", "other.safetensors",
-        lambda p: safetensors.numpy.save_file({"encoder.weight": np.zeros(3, np.float32)}, p))
-    return files
-
-
-def test_bad_files_raise_one_line_library_error(tmp_path, s1):
-    for match, path in _bad_files(tmp_path, s1).items():
-        with pytest.raises(ShvitError, match=match) as info:
-            shvit_torch.load(path)
-        assert "\n" not in str(info.value), str(info.value)
-
-
-def test_bad_files_exit_2_from_the_clis(tmp_path, s1):
-    np.save(tmp_path / "x.npy", np.zeros((1, 3, 32, 32), np.float32))
-    for match, path in _bad_files(tmp_path, s1).items():
-        for cmd in (["shvit_torch.run", "--weights", str(path), "--input", str(tmp_path / "x.npy")],
-                    ["shvit_torch.convert", str(path), str(tmp_path / "out.safetensors")]):
-            r = subprocess.run([sys.executable, "-m", *cmd], capture_output=True, text=True)
-            assert r.returncode == 2, (cmd, r.stderr)
-            assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
-            assert re.search(match, r.stderr), (match, r.stderr)
-    assert not (tmp_path / "out.safetensors").exists()  # nothing half-written

@@ -1,5 +1,5 @@
 """shvit_numpy against the PyTorch reference (eval mode, random weights AND random BatchNorm
-statistics), its elementary operations against torch.nn.functional, BatchNorm folding, input
+statistics), its elementary operations against torch.nn.functional, BatchNorm folding, load
 errors, the numpy-only promise, the profiler against the spec's figures, and the CLI.
 
 Tolerance: tests.helpers.TOL["float32"] (atol = rtol = 1e-4) everywhere. Both sides compute in
@@ -20,6 +20,7 @@ import torch.nn.functional as F
 import shvit_numpy
 import shvit_torch
 from shvit_numpy import layers as nl
+from shvit_numpy import profile, run
 from shvit_numpy.config import RESOLUTION, VARIANTS, SHViTConfig
 from shvit_numpy.errors import ShvitError
 from shvit_numpy.model import SHViT
@@ -202,20 +203,6 @@ def test_folding_removes_exactly_the_batchnorm_parameters():
 
 # ---- errors ---------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("x,match", [
-    (np.zeros((3, 32, 32), np.float32), "rank 3"), (np.zeros((1, 2, 32, 32), np.float32), "2 channels"),
-    (np.zeros((1, 3, 32, 32), np.float64), "dtype float64"), (np.zeros((1, 3, 32, 32), np.float16), "dtype float16"),
-    (np.full((1, 3, 8, 8), np.nan, np.float32), "NaN"), (np.full((2, 3, 8, 8), np.inf, np.float32), "infinite"),
-    (np.zeros((0, 3, 8, 8), np.float32), ">= 1"), ([[1.0]], "numpy array"),
-])
-def test_bad_input_raises_library_error(x, match, tmp_path):
-    _, path = saved(SMALL, tmp_path)
-    model = shvit_numpy.load(path)
-    for entry in (model, model.forward_features, model.forward_intermediates):
-        with pytest.raises(ShvitError, match=match):
-            entry(x)
-
-
 def test_load_state_names_the_bad_tensor():
     state = random_state(state_shapes(SMALL), 0)
     with pytest.raises(ShvitError, match="missing tensor 'head.l.bias'"):
@@ -271,42 +258,34 @@ def test_profiler_shapes_follow_odd_inputs():
     assert rows["stages.1.blocks.0.mixer.m.attn"].macs == (4 * 2) ** 2 * (16 + 8)  # N^2 (qk + pdim)
 
 
-def test_profiler_cli_json_macro_and_errors():
-    run = [sys.executable, "-m", "shvit_numpy.profile"]
-    r = subprocess.run(run + ["--variant", "s1", "--json", "--macro"], capture_output=True, text=True)
-    d = json.loads(r.stdout)
+def test_profiler_cli_json_and_macro(capsys):
+    """In this process (its bad flags: tests/test_bad_input.py)."""
+    assert profile.main(["--variant", "s1", "--json", "--macro"]) == 0
+    d = json.loads(capsys.readouterr().out)
     assert d["params"] == 6_330_808 and d["params_folded"] == 6_308_660 and round(d["macs"] / 1e6, 2) == 241.32
     assert sum(row["macs"] for row in d["layers"]) == d["macs"] and {"name", "shape", "params", "macs", "act_bytes"} <= set(d["layers"][0])
     shvit = [m for m in d["macro"] if m["layout"].startswith("SHViT")]
     conv = [m for m in d["macro"] if m["layout"].startswith("conventional")]
     assert [m["tokens"] for m in shvit] == [196, 49, 16] and [m["tokens"] for m in conv] == [3136, 784, 196, 49]
-    text = subprocess.run(run + ["--variant", "s4", "--macro"], capture_output=True, text=True).stdout
+    assert profile.main(["--variant", "s4", "--macro"]) == 0
+    text = capsys.readouterr().out
     assert "SHViT-s4 at 256x256" in text and "986.22M" in text and "16x the tokens" in text
-    for bad, msg in [(["--variant", "s7"], "unknown variant 's7'"), (["--resolution", "0"], "--resolution must be >= 1"),
-                     (["--resolution", "x"], "invalid int value"), (["--bogus"], "unrecognized arguments")]:
-        r = subprocess.run(run + bad, capture_output=True, text=True)
-        assert r.returncode == 2 and msg in r.stderr and len(r.stderr.strip().splitlines()) == 1, (bad, r.stderr)
 
 
 # ---- CLI ------------------------------------------------------------------------------------------
 
-def test_cli_matches_the_model_and_fails_cleanly(tmp_path):
+def test_cli_is_the_model(tmp_path, capsys):
+    """shvit_numpy.run in this process (a torch-free run: test_imports_nothing_but_numpy; its input
+    errors: tests/test_bad_input.py)."""
     labels = [f"class-{c}" for c in "abcdefg"]
     model, path = saved(SMALL, tmp_path, seed=7, labels=labels)
     x = rand(2, 3, 37, 41, seed=6)
     np.save(tmp_path / "x.npy", x)
-    cli = [sys.executable, "-m", "shvit_numpy.run"]
-    r = subprocess.run(cli + ["--weights", str(path), "--input", str(tmp_path / "x.npy"), "--save-logits", str(tmp_path / "y.npy"),
-                              "--topk", "2"], capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
+    assert run.main(["--weights", str(path), "--input", str(tmp_path / "x.npy"), "--save-logits", str(tmp_path / "y.npy"),
+                     "--topk", "2"]) == 0
     y = np.load(tmp_path / "y.npy")
     assert np.array_equal(y, shvit_numpy.load(path)(x))  # the CLI is the model, bit for bit
     assert_close("cli logits", y, torch_logits(model, x))
-    lines = r.stdout.strip().splitlines()
+    lines = capsys.readouterr().out.strip().splitlines()
     assert [line.split(":")[0] for line in lines] == ["x.npy[0]", "x.npy[1]"]
     assert lines[0].split(": ")[1].startswith(labels[int(y[0].argmax())] + " (") and lines[0].count("class-") == 2
-    np.save(tmp_path / "bad.npy", x[0])
-    for args, msg in [(["--input", str(tmp_path / "bad.npy")], "rank 3"), (["--input", str(tmp_path / "none.npy")], "not found"),
-                      (["--device", "cpu"], "unrecognized arguments: --device"), (["--topk", "-1"], "--topk must be >= 0")]:
-        r = subprocess.run(cli + ["--weights", str(path)] + args, capture_output=True, text=True)
-        assert r.returncode == 2 and msg in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
