@@ -39,7 +39,7 @@ from pathlib import Path
 
 from shvit_numpy.cli import Parser, fail
 from shvit_numpy.config import RESOLUTION, VARIANTS
-from shvit_numpy.errors import ShvitError
+from shvit_numpy.errors import ShvitError, first_line
 from shvit_numpy.weights import atomic_path
 
 from . import first_answer, machine, report
@@ -217,7 +217,7 @@ def prepare_models(p: dict, workdir: Path) -> dict:
             try:
                 export_onnx(model, onnx, resolution=RESOLUTION[v])
             except Exception as e:  # noted by the ORT runner as "no ONNX export"
-                print(f"{PROG}: ONNX export of {v} failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", file=sys.stderr)
+                print(f"{PROG}: ONNX export of {v} failed: {first_line(e, named=True)}", file=sys.stderr)
                 onnx = None
         files[v] = {"weights": str(weights), "onnx": str(onnx) if onnx else None}
     return files

@@ -17,6 +17,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from shvit_numpy.errors import first_line
+
 
 class Unavailable(Exception):
     """This runtime cannot run here; ``str()`` says why, in one line."""
@@ -51,8 +53,7 @@ def need(module: str, hint: str, importer=importlib.import_module):
     try:
         return importer(module)
     except Exception as e:  # a broken dependency raises more than ImportError (timm: torchvision)
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise Unavailable(f"{module} does not import here ({first[:120]}); {hint}") from None
+        raise Unavailable(f"{module} does not import here ({first_line(e, 120)}); {hint}") from None
 
 
 # -- PyTorch: shvit_torch in five forms, and timm's SHViT ------------------------------------------------------
@@ -187,7 +188,7 @@ class TinyRunner:
         try:
             self.model = shvit_tiny.load(setup.weights, device=device, half=setup.half)
         except Exception as e:  # ShvitError: the device is not usable here (no clang, no OpenCL)
-            raise Unavailable(str(e).splitlines()[0]) from None
+            raise Unavailable(first_line(e)) from None
         self.gpu = device not in ("CPU", "CL")
 
     def prepare(self, x):

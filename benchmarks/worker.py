@@ -41,6 +41,8 @@ def log(msg: str) -> None:
 
 def build(keys, setup):
     """{key: runner} for every runtime that loads; {key: reason} for the others."""
+    from shvit_numpy.errors import first_line
+
     from .runners import RUNTIMES, Unavailable
 
     runners, skipped = {}, {}
@@ -50,7 +52,7 @@ def build(keys, setup):
         except Unavailable as e:
             skipped[key] = str(e)
         except Exception as e:  # a runtime that breaks must not take the others down
-            skipped[key] = f"failed to load: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+            skipped[key] = f"failed to load: {first_line(e, 160, named=True)}"
     return runners, skipped
 
 
@@ -64,6 +66,8 @@ def time_batch(runners, x, rounds: int, warmup: int, min_round_s: float):
     """Interleaved rounds over every runner for one input batch; failures are reported, not raised."""
     import gc
     import math
+
+    from shvit_numpy.errors import first_line
 
     calls, first, reps, failed = {}, {}, {}, {}
     for key, runner in runners.items():
@@ -79,7 +83,7 @@ def time_batch(runners, x, rounds: int, warmup: int, min_round_s: float):
             reps[key] = max(1, math.ceil(min_round_s / max(last, 1e-9)))
             calls[key] = call
         except Exception as e:
-            failed[key] = f"failed at batch {len(x)}: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+            failed[key] = f"failed at batch {len(x)}: {first_line(e, 160, named=True)}"
     samples = {key: [] for key in calls}
     keys = list(calls)
     gc.collect()
@@ -176,6 +180,8 @@ def memory(spec) -> dict:
     import importlib
     import resource
 
+    from shvit_numpy.errors import first_line
+
     from .runners import RUNTIMES, Setup, Unavailable
 
     runtime = RUNTIMES[spec["runtime"]]
@@ -203,7 +209,7 @@ def memory(spec) -> dict:
     except Unavailable as e:
         return {**out, "skipped": str(e)}
     except Exception as e:
-        return {**out, "skipped": f"failed: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"}
+        return {**out, "skipped": f"failed: {first_line(e, 160, named=True)}"}
     out.update(peak_rss_mb=peak, baseline_rss_mb=base, delta_mb=peak - base, method="VmHWM" if exact else "ru_maxrss")
     if spec["device"] == "cuda" and "torch" in sys.modules:
         import torch

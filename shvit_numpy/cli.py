@@ -15,7 +15,7 @@ import numpy as np
 
 from .checks import check_array
 from .config import SHViTConfig, default_resolution
-from .errors import ShvitError
+from .errors import ShvitError, first_line
 from .labels import class_names
 from .weights import atomic_path
 
@@ -75,7 +75,7 @@ def read_npy(path: Path, in_chans: int) -> np.ndarray:
     try:
         x = np.load(path, allow_pickle=False)
     except (ValueError, OSError, EOFError) as e:
-        raise ShvitError(f"{path} is not a readable .npy array ({str(e).splitlines()[0]})") from None
+        raise ShvitError(f"{path} is not a readable .npy array ({first_line(e)})") from None
     return check_array(x, in_chans)
 
 
@@ -92,7 +92,7 @@ def read_batch(args, loaded: Loaded) -> tuple[np.ndarray, list[str]]:
         images = sorted(DEMO_IMAGES.glob("*.png")) if args.weights is None else []
         if not images:
             raise ShvitError("no input: give --input X.npy or --image FILE...")
-    res = args.resolution or loaded.resolution or default_resolution(cfg)
+    res = args.resolution if args.resolution is not None else loaded.resolution or default_resolution(cfg)
     if res < 1:
         raise ShvitError(f"--resolution must be >= 1, got {res}")
     if cfg.in_chans != 3:

@@ -9,3 +9,13 @@ ever reach the user as a traceback.
 
 class ShvitError(ValueError):
     """A user-facing error: ``str(err)`` is one line naming the problem and the expectation."""
+
+
+def first_line(e: BaseException, limit: int = 200, named: bool = False) -> str:
+    """The first line of ``e``'s message, at most ``limit`` characters (its type's name when it has
+    none; ``named``: always after it, "OSError: ..."): how a foreign error (torch, tinygrad, a zip or
+    pickle reader, a runtime in the bench) is quoted inside one line of our own."""
+    lines = str(e).strip().splitlines()
+    if not lines:
+        return type(e).__name__
+    return f"{type(e).__name__}: {lines[0][:limit]}" if named else lines[0][:limit]

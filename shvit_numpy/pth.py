@@ -39,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import ShvitError
+from .errors import ShvitError, first_line
 from .names import unwrap_checkpoint
 
 TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".tar", ".ckpt")
@@ -348,8 +348,7 @@ def read_pth(path) -> dict[str, np.ndarray]:
         msg = str(e)
         raise ShvitError(msg if str(path) in msg else f"{path}: {msg}") from None
     except READ_ERRORS as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise ShvitError(f"{path} is not a readable torch checkpoint (truncated or damaged?): {first}") from None
+        raise ShvitError(f"{path} is not a readable torch checkpoint (truncated or damaged?): {first_line(e)}") from None
     if not out:
         raise ShvitError(f"{path} holds no tensors, expected an SHViT state dict")
     return out

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from shvit_numpy.errors import ShvitError
+from shvit_numpy.errors import ShvitError, first_line
 from shvit_numpy.names import unwrap_checkpoint
 from shvit_numpy.weights import Weights, prepare_state, read_safetensors
 
@@ -49,8 +49,7 @@ def torch_load_safely(path: Path):
         with torch.serialization.safe_globals(_stand_ins(path)):
             return torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError, KeyError, AttributeError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ShvitError(f"{path} is not a readable torch checkpoint (truncated or not a checkpoint?): {first[:200]}") from None
+        raise ShvitError(f"{path} is not a readable torch checkpoint (truncated or not a checkpoint?): {first_line(e)}") from None
 
 
 def _to_numpy(t) -> np.ndarray:

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from shvit_numpy.cli import DEMO_IMAGES, DEMO_WEIGHTS, Parser
-from shvit_numpy.errors import ShvitError
+from shvit_numpy.errors import ShvitError, first_line
 from shvit_numpy.weights import atomic_path
 
 from . import data as datasets
@@ -75,7 +75,7 @@ def load_runtimes(weights: Path) -> tuple[dict[str, Callable[[np.ndarray], np.nd
         try:
             runtimes[name] = load(weights)
         except Exception as e:  # noqa: BLE001 - the tour goes on without it, and says why
-            failed[name] = one_line(e)
+            failed[name] = first_line(e, named=True)
     return runtimes, failed
 
 
@@ -91,11 +91,6 @@ def load_tiny(weights: Path):
     return shvit_tiny.load(weights, device="CPU" if shutil.which("clang") else None)  # else tinygrad's default
 
 
-def one_line(e: Exception) -> str:
-    text = str(e).strip()
-    return f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"[:200]
-
-
 def evaluate_runtimes(weights: Path, split: datasets.Split) -> tuple[dict[str, dict], dict[str, str]]:
     """Accuracy, images/s and max |delta logits| against torch for each runtime, on one weight
     file; and the runtimes that failed, with their one-line reason."""
@@ -106,7 +101,7 @@ def evaluate_runtimes(weights: Path, split: datasets.Split) -> tuple[dict[str, d
         try:
             logits, speed = timed(fn, x)
         except Exception as e:  # noqa: BLE001
-            failed[name] = one_line(e)
+            failed[name] = first_line(e, named=True)
             continue
         ref = logits if ref is None else ref
         rows[name] = {"acc": float((logits.argmax(1) == y).mean()), "images_per_s": speed,

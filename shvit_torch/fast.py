@@ -38,7 +38,7 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
-from shvit_numpy.errors import ShvitError
+from shvit_numpy.errors import ShvitError, first_line
 
 from .model import SHViT
 
@@ -52,10 +52,6 @@ def trace_frozen(module: nn.Module, example: torch.Tensor) -> torch.jit.ScriptMo
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return torch.jit.freeze(torch.jit.trace(module.eval(), example, check_trace=False))
-
-
-def first_line(e: Exception) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
 
 
 class FastSHViT:
