@@ -6,6 +6,7 @@ plus ``--device`` (cpu, cuda, mps) and ``--fast``. The folded model runs in eval
 """
 from __future__ import annotations
 
+import os
 import sys
 
 import torch
@@ -20,7 +21,12 @@ PROG = "python -m shvit_torch.run"
 
 
 def pick_device(name: str | None) -> torch.device:
-    name = (name or ("cuda" if torch.cuda.is_available() else "cpu")).lower()
+    """The device ``name`` (cpu, cuda, cuda:1, mps; any case) if this machine has it, else a one-line
+    ``ShvitError``. None: CUDA where present (under torchrun, this process's GPU: cuda:LOCAL_RANK), else the CPU.
+    The run and train programs' ``--device``."""
+    if name is None and torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    name = (name or "cpu").lower()
     available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
     if name.split(":")[0] not in available:
         raise ShvitError(f"unknown device {name!r}; expected one of: cpu, cuda, mps")

@@ -41,6 +41,7 @@ from shvit_numpy.weights import atomic_path
 from . import data as datasets
 from .checkpoint import read_checkpoint
 from .model import SHViT, create, from_weights, save
+from .run import pick_device
 
 PROG = "python -m shvit_torch.train"
 # A small SHViT for 64x64 digits: 334k parameters; attention over 2x2 tokens (stage 2) and 1x1 (stage 3).
@@ -106,14 +107,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 # ---- distributed ---------------------------------------------------------------------------------
-
-def pick_device(name: str | None) -> torch.device:
-    if name:
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return torch.device("cpu")
-
 
 def setup_distributed(device: torch.device) -> tuple[int, int]:
     """(rank, world size). torchrun sets WORLD_SIZE and the rendezvous; gloo on CPU, nccl on GPUs."""

@@ -306,3 +306,12 @@ def test_module_entry_points_exit_2_with_one_line(weights, tmp_path, module):
     assert lines[0].startswith(f"python -m {module}: error: ") and "Traceback" not in r.stderr, r.stderr
     if expected is not None:
         assert lines[0] == f"python -m {module}: error: {expected}", lines[0]
+
+
+def test_train_cli_bad_device(tmp_path, capsys):
+    """shvit_torch.train's --device is shvit_torch.run's (one pick_device): checked before any data is read."""
+    from shvit_torch import train
+
+    code, err = cli(train, ["--out", tmp_path / "o", "--device", "tpu", "--epochs", "1"], capsys)
+    assert_one_line(train, code, err, "unknown device 'tpu'; expected one of: cpu, cuda, mps", whole=True)
+    assert not (tmp_path / "o").exists()
