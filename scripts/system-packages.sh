@@ -15,7 +15,7 @@ fi
 have_clang && have_pocl && exit 0
 
 missing=""
-have_clang || missing="clang"
+have_clang || missing=" clang"  # each name with its leading space: "installing clang pocl-opencl-icd"
 have_pocl || missing="$missing pocl-opencl-icd"
 if ! command -v apt-get >/dev/null 2>&1; then
   echo "shvit: tinygrad's CPU and OpenCL devices need:$missing (install them with your package manager), then run make again" >&2
