@@ -5,7 +5,7 @@ PY      := .venv/bin/python
 STAMP   := .venv/.installed
 export PYTHONHASHSEED := 0
 
-.PHONY: install system render-check test test-fast test-thorough docs docs-test lint demo demo-weights bench figures clean
+.PHONY: install system render-check test test-fast test-thorough docs docs-test lint demo demo-weights bench experiments figures clean
 
 install: system $(STAMP)
 
@@ -50,6 +50,9 @@ render-check: install  ## S1 at 224 lowered to Metal, CUDA, OpenCL and WGSL sour
 bench: install  ## latest.{json,md} and docs/bench.png, then docs/throughput.png from the same latest.json
 	$(PY) -m benchmarks.bench
 	$(PY) -m docs.figures throughput
+
+experiments: install  ## the paper's three claims at laptop scale: results in benchmarks/results/experiments/, docs/claims-*.png
+	$(PY) -m shvit_torch.experiments all --jobs 2
 
 figures: install
 	$(PY) -m docs.figures

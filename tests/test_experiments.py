@@ -191,3 +191,23 @@ def test_variants_are_what_the_experiments_say():
     ratios = [E.VARIANTS[v].pdim[2] / E.DIMS[2] for v in ("pdim-1/8", "shvit", "pdim-1/2", "pdim-1")]
     assert ratios == pytest.approx([1 / 8, 1 / 4.67, 1 / 2, 1], abs=0.01)
     assert SimpleNamespace(**E.VARIANTS["mhsa"].__dict__).heads[1:] == (4, 6)
+
+
+def test_the_demo_times_only_shapes_it_has_already_run():
+    """make demo's speed column: every batch shape (a last, smaller batch has its own, and tinygrad
+    compiles each shape on its first call) runs once before the clock starts."""
+    import numpy as np
+
+    from shvit_torch.demo import timed
+
+    calls = []
+
+    def fn(x):
+        calls.append(len(x))
+        return x[:, :2, 0, 0] * 2
+
+    x = np.random.default_rng(0).normal(size=(250, 3, 2, 2)).astype(np.float32)
+    out, speed, first = timed(fn, x, batch=100)
+    assert calls[:2] == [50, 100] and set(calls[2:]) <= set(calls[:2])  # warm-up, then only warmed shapes
+    assert calls[2:] == [100, 100, 50] and speed > 0 and first >= 0
+    np.testing.assert_array_equal(out, x[:, :2, 0, 0] * 2)
