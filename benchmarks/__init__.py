@@ -8,7 +8,8 @@
 * ``benchmarks.first_answer`` time to first answer: a new process per run, caches empty and warm.
 * ``benchmarks.report``  Markdown tables, the speed floors, the PNG chart.
 * ``benchmarks.machine`` what the figures were measured on.
-* ``benchmarks.profile_ops`` where the time goes: torch.profiler and ONNX Runtime's profiler.
+* ``benchmarks.profile_ops`` where the time goes: torch.profiler and ONNX Runtime's profiler (``--numpy``:
+  shvit_numpy by kind of operation).
 
 Nothing here imports numpy at module level except the worker, which sets its thread
 environment first (OpenBLAS reads it once, when numpy is imported).

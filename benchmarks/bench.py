@@ -191,24 +191,30 @@ def cell(p: dict, files: dict, variant: str, threads: int) -> dict:
 
 # -- the models ---------------------------------------------------------------------------------------------------
 
-def prepare_models(p: dict, workdir: Path) -> dict:
-    """Per variant: a canonical weight file with random weights and BatchNorm statistics (as the
-    tests use) and, for ONNX Runtime, its folded ONNX export. {variant: {weights, onnx}}."""
+def random_model(variant: str, seed: int):
+    """shvit_torch's ``variant`` in eval mode with random weights and BatchNorm statistics
+    (shvit_numpy.weights.random_state, the tests' too): the same values on every run."""
     import torch
 
     import shvit_torch
+    from shvit_numpy.names import state_shapes
+    from shvit_numpy.weights import random_state
+
+    model = shvit_torch.create(variant).eval()
+    state = random_state(state_shapes(model.config), seed)
+    model.load_state_dict({k: torch.from_numpy(a) for k, a in state.items()}, strict=False)
+    return model
+
+
+def prepare_models(p: dict, workdir: Path) -> dict:
+    """Per variant: a canonical weight file with random weights and BatchNorm statistics
+    (``random_model``) and, for ONNX Runtime, its folded ONNX export. {variant: {weights, onnx}}."""
+    import shvit_torch
     from shvit_torch.export import export_onnx
 
-    try:
-        from tests.helpers import randomize
-    except ImportError:  # outside the repository: the default initialisation times the same
-        randomize = None
     files = {}
     for i, v in enumerate(p["variants"]):
-        torch.manual_seed(i)
-        model = shvit_torch.create(v).eval()
-        if randomize is not None:
-            randomize(model, seed=i)
+        model = random_model(v, seed=i)
         weights = workdir / f"{v}.safetensors"
         shvit_torch.save(model, weights)
         onnx = None

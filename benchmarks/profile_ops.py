@@ -6,6 +6,9 @@ graph node. Convolutions are split by kind (weight shape): dense 3x3 (the stem),
 3x3 (residual DW and PatchMerging's stride-2 conv), pointwise 1x1 (FFN, qkv, projections);
 everything else by operator. The table shows milliseconds per batch and the share of the
 total, side by side, so the gap between the two runtimes has names.
+
+``--numpy``: the same question for shvit_numpy's folded model (CPU time and MAC rate by kind of
+operation; its convolutions and attention timed exclusively).
 """
 from __future__ import annotations
 
@@ -119,22 +122,94 @@ def table(torch_ms: dict, ort_ms: dict, top: int, form: str = "") -> str:
     return "\n".join(lines)
 
 
+def numpy_profile(variant: str, batch: int, res: int, iters: int) -> list[dict]:
+    """CPU time of the folded NumPy model by kind of operation (exclusive), and each kind's MAC rate:
+    what limits it. Its convolution and attention methods are wrapped for the run, then put back."""
+    import collections
+    import time
+
+    import numpy as np
+
+    from shvit_numpy import layers as nl
+    from shvit_numpy.config import get_config
+    from shvit_numpy.model import SHViT
+    from shvit_numpy.names import state_shapes
+    from shvit_numpy.weights import random_state
+
+    cfg = get_config(variant)
+    model = SHViT(cfg).load_state(random_state(state_shapes(cfg), 0)).fuse()
+    x = np.random.default_rng(1).standard_normal((batch, 3, res, res)).astype(np.float32)
+    acc = collections.defaultdict(lambda: [0.0, 0, 0])  # kind -> [exclusive seconds, MACs, calls]
+    nested = [0.0]  # time spent in timed calls inside the current one (a stack)
+    originals = {}
+
+    def timed(cls, attr, kind, macs):
+        orig = originals[(cls, attr)] = getattr(cls, attr)
+
+        def wrapper(self, inp):
+            nested.append(0.0)
+            t = time.process_time()
+            out = orig(self, inp)
+            dt = time.process_time() - t
+            inner = nested.pop()
+            nested[-1] += dt
+            a = acc[kind(self, inp)]
+            a[0] += dt - inner  # exclusive: the qkv conv inside attention counts as a 1x1 conv
+            a[1] += macs(self, inp, out)
+            a[2] += 1
+            return out
+        setattr(cls, attr, wrapper)
+
+    def conv_kind(conv, inp):
+        k = conv.weight.shape[2]
+        return "depthwise 3x3 (9 shifted multiply-adds)" if conv.groups > 1 else \
+            "1x1 conv (one GEMM)" if k == 1 else "stem 3x3 conv (pad + im2col + GEMM)"
+
+    timed(nl.Conv2d, "__call__", conv_kind, lambda c, i, o: o.size * c.weight[0].size)
+    timed(nl.SingleHeadAttention, "attention", lambda m, i: "attention core (GroupNorm, q k^T, softmax, attn v)",
+          lambda m, i, o: o[2].size * (m.qk_dim + m.pdim))
+    try:
+        model(x)
+        acc.clear()
+        t = time.process_time()
+        for _ in range(iters):
+            model(x)
+        total = (time.process_time() - t) / iters
+    finally:
+        for (cls, attr), f in originals.items():
+            setattr(cls, attr, f)
+    rows = [{"kind": k, "calls": c // iters, "ms": 1000 * s / iters, "gmac_s": m / s / 1e9 if s else 0.0}
+            for k, (s, m, c) in sorted(acc.items(), key=lambda kv: -kv[1][0])]
+    rows.append({"kind": "everything else (residual adds, ReLU, SE, concat, pooling, head)", "calls": 0,
+                 "ms": 1000 * total - sum(r["ms"] for r in rows), "gmac_s": 0.0})
+    rows.append({"kind": "total", "calls": 0, "ms": 1000 * total, "gmac_s": 0.0})
+    return rows
+
+
+def numpy_child(args) -> int:
+    res = RESOLUTION[args.variant]
+    print(f"shvit_numpy folded, {args.variant} at {res}, batch {args.batch}, {args.threads} thread(s), "
+          f"{args.repeats} profiled batches; CPU time per batch\n")
+    for r in numpy_profile(args.variant, args.batch, res, args.repeats):
+        rate = f"{r['gmac_s']:6.1f} GMAC/s" if r["gmac_s"] else ""
+        calls = f"{r['calls']:3d} calls" if r["calls"] else ""
+        print(f"{r['ms']:8.1f} ms  {r['kind']:64s} {calls:9s} {rate}")
+    return 0
+
+
 def child(args) -> int:
+    if args.numpy:
+        return numpy_child(args)
     import numpy as np
     import torch
 
-    import shvit_torch
     from shvit_torch.export import export_onnx
+
+    from .bench import random_model
 
     torch.set_num_threads(args.threads)
     res = RESOLUTION[args.variant]
-    model = shvit_torch.create(args.variant).eval()
-    try:
-        from tests.helpers import randomize
-
-        randomize(model, seed=0)
-    except ImportError:
-        pass
+    model = random_model(args.variant, seed=0)
     x = np.random.default_rng(0).standard_normal((args.batch, 3, res, res)).astype(np.float32)
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / f"{args.variant}.onnx"
@@ -155,6 +230,7 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--channels-last", action="store_true", help="profile the folded torch model in channels_last")
     p.add_argument("--top", type=int, default=10, help="non-convolution operators shown (default 10)")
+    p.add_argument("--numpy", action="store_true", help="profile shvit_numpy's folded model by kind of operation instead")
     args = p.parse_args(argv)
     if min(args.batch, args.threads, args.repeats, args.top) < 1:
         p.error("--batch, --threads, --repeats and --top must be >= 1")

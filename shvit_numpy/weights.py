@@ -179,3 +179,32 @@ def save_weights(path, cfg: SHViTConfig, state: dict, labels=None, resolution: i
     if resolution is not None:
         meta["shvit_resolution"] = str(int(resolution))
     write_safetensors(path, {k: state[k] for k in state_shapes(cfg)}, meta)
+
+
+RESIDUAL_END = (".m.bn.weight", ".pw2.bn.weight", ".proj.1.bn.weight")
+
+
+def random_state(shapes: dict, seed: int) -> dict[str, np.ndarray]:
+    """Random canonical weights for ``shapes`` (name -> shape, e.g. ``names.state_shapes(cfg)``), scaled
+    so activations stay O(1): the tests' and the benchmarks' models (every BatchNorm statistic random too).
+
+    Kernels ~ N(0, 1/fan_in); BatchNorm weight ~ +-U(0.5, 1.5) (random signs; +-U(0.2, 0.5) for
+    the last BatchNorm of a residual branch, so activations do not grow with depth), bias and
+    running_mean ~ N(0, 0.2), running_var ~ U(0.5, 2); GroupNorm affine likewise.
+    """
+    rng = np.random.default_rng(seed)
+    out = {}
+    for k, shape in shapes.items():
+        if k.endswith("running_var"):
+            a = rng.uniform(0.5, 2.0, shape)
+        elif k.endswith(("running_mean", "bias")):
+            a = rng.normal(0, 0.2, shape)
+        elif k.endswith(RESIDUAL_END):  # last BN of a residual branch: smaller, so depth does not blow up
+            a = rng.uniform(0.2, 0.5, shape) * rng.choice([-1.0, 1.0], shape)
+        elif k.endswith(("bn.weight", "pre_norm.weight")):
+            a = rng.uniform(0.5, 1.5, shape) * rng.choice([-1.0, 1.0], shape)
+        else:  # conv / linear kernels
+            fan_in = int(np.prod(shape[1:])) if len(shape) > 1 else 1
+            a = rng.normal(0, 1 / np.sqrt(fan_in), shape)
+        out[k] = a.astype(np.float32)
+    return out

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from shvit_numpy.weights import random_state  # noqa: F401  (the tests' random weights live in the base: the bench uses them too)
+
 # Tolerances, in one place (docs/05-three-frameworks.md explains them). float32 results
 # differ by summation order only; errors grow with depth and with |logits|.
 TOL = {
@@ -49,34 +51,6 @@ def assert_close(name: str, got, ref, atol: float | None = None, rtol: float | N
     tol = TOL["float32"]
     msg = compare(name, got, ref, tol["atol"] if atol is None else atol, tol["rtol"] if rtol is None else rtol, dtype)
     assert msg is None, msg
-
-
-RESIDUAL_END = (".m.bn.weight", ".pw2.bn.weight", ".proj.1.bn.weight")
-
-
-def random_state(shapes: dict, seed: int) -> dict[str, np.ndarray]:
-    """Random canonical weights for ``shapes`` (name -> shape), scaled so activations stay O(1).
-
-    Kernels ~ N(0, 1/fan_in); BatchNorm weight ~ +-U(0.5, 1.5) (random signs; +-U(0.2, 0.5) for
-    the last BatchNorm of a residual branch, so activations do not grow with depth), bias and
-    running_mean ~ N(0, 0.2), running_var ~ U(0.5, 2); GroupNorm affine likewise.
-    """
-    rng = np.random.default_rng(seed)
-    out = {}
-    for k, shape in shapes.items():
-        if k.endswith("running_var"):
-            a = rng.uniform(0.5, 2.0, shape)
-        elif k.endswith(("running_mean", "bias")):
-            a = rng.normal(0, 0.2, shape)
-        elif k.endswith(RESIDUAL_END):  # last BN of a residual branch: smaller, so depth does not blow up
-            a = rng.uniform(0.2, 0.5, shape) * rng.choice([-1.0, 1.0], shape)
-        elif k.endswith(("bn.weight", "pre_norm.weight")):
-            a = rng.uniform(0.5, 1.5, shape) * rng.choice([-1.0, 1.0], shape)
-        else:  # conv / linear kernels
-            fan_in = int(np.prod(shape[1:])) if len(shape) > 1 else 1
-            a = rng.normal(0, 1 / np.sqrt(fan_in), shape)
-        out[k] = a.astype(np.float32)
-    return out
 
 
 def randomize(model, seed: int):
