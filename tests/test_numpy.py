@@ -114,25 +114,26 @@ def test_dense_conv_is_im2col_matmul(cin, cout, k, stride, pad, hw):
     assert_close("conv_dense", got, F.conv2d(torch.from_numpy(x), torch.from_numpy(w), stride=stride, padding=pad), dtype=np.float32)
 
 
-@pytest.mark.parametrize("groups,k,stride", [(1, 3, 2), (2, 3, 1), (3, 1, 1), (6, 3, 2)])
+@pytest.mark.parametrize("groups,k,stride", [(1, 3, 2), (2, 3, 1), (3, 1, 1)])
 @pytest.mark.parametrize("chunk_bytes", [1, nl.IM2COL_CHUNK_BYTES])  # im2col one image at a time, or all
-def test_conv2d_layer_dense_grouped_depthwise_with_bias(groups, k, stride, chunk_bytes, monkeypatch):
+def test_conv2d_layer_dense_and_grouped_with_bias(groups, k, stride, chunk_bytes, monkeypatch):
     monkeypatch.setattr(nl, "IM2COL_CHUNK_BYTES", chunk_bytes)
-    conv = nl.Conv2d(6, 12 if groups < 6 else 6, k, stride, k // 2, groups, bias=True)
+    conv = nl.Conv2d(6, 12, k, stride, k // 2, groups, bias=True)
     conv.weight, conv.bias = rand(*conv.weight.shape, seed=20), rand(*conv.bias.shape, seed=21)
     x = rand(3, 6, 11, 8, seed=22)
     ref = F.conv2d(torch.from_numpy(x), torch.from_numpy(conv.weight), torch.from_numpy(conv.bias), stride, k // 2, groups=groups)
     assert_close(f"Conv2d groups={groups}", conv(x.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2), ref, dtype=np.float32)
 
 
-@pytest.mark.parametrize("chunk_bytes", [1, 1000, nl.DW_CHUNK_BYTES])  # one image per step, a few, all of them
 @pytest.mark.parametrize("stride,hw", [(1, (14, 14)), (1, (1, 5)), (2, (9, 14)), (2, (1, 1)), (1, (3, 1))])
-def test_depthwise_conv_is_nine_shifted_multiply_adds(stride, hw, chunk_bytes, monkeypatch):
-    monkeypatch.setattr(nl, "DW_CHUNK_BYTES", chunk_bytes)
+def test_depthwise_conv_is_nine_shifted_multiply_adds(stride, hw):
+    """The one depthwise test: nl.Conv2d with groups = channels (conv_depthwise, bias added) against torch."""
     c = 6
-    x, w = rand(5, c, *hw, seed=7), rand(c, 1, 3, 3, seed=8)
-    got = nl.conv_depthwise(np.ascontiguousarray(x.transpose(0, 2, 3, 1)), w, stride, 1).transpose(0, 3, 1, 2)
-    ref = F.conv2d(torch.from_numpy(x), torch.from_numpy(w), stride=stride, padding=1, groups=c)
+    conv = nl.Conv2d(c, c, 3, stride, 1, groups=c, bias=True)
+    conv.weight, conv.bias = rand(c, 1, 3, 3, seed=8), rand(c, seed=9)
+    x = rand(5, c, *hw, seed=7)
+    got = conv(np.ascontiguousarray(x.transpose(0, 2, 3, 1))).transpose(0, 3, 1, 2)
+    ref = F.conv2d(torch.from_numpy(x), torch.from_numpy(conv.weight), torch.from_numpy(conv.bias), stride=stride, padding=1, groups=c)
     assert_close(f"depthwise stride {stride}", got, ref, dtype=np.float32)
 
 

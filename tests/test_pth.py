@@ -321,6 +321,7 @@ print("torch imports attempted:", attempts, file=sys.stderr)
 """
 
 
+@pytest.mark.slow  # compiles the demo model in tinygrad in a new process (the one compile is the test's point)
 def test_tiny_and_numpy_clis_work_without_torch(demo_pth, tmp_path):
     """Issue 13 item 4: the bundled digits and a .pth through shvit_tiny.run (and shvit_numpy.run)
     in one process where ``import torch`` fails; one tiny config, one input shape (one compile)."""
