@@ -225,15 +225,24 @@ class RestrictedUnpickler(pickle.Unpickler):
 
 
 # -- the archive ---------------------------------------------------------------------------------
-def looks_like_torch(path: Path) -> bool:
-    """A torch file by its name, or else by a zip's signature: the rest is read as safetensors.
-
-    (Not by a pickle's first byte: a safetensors header length can start with 0x80 too.)"""
-    suffix = path.suffix.lower()
-    if suffix in TORCH_SUFFIXES or suffix == ".safetensors" or not path.is_file():
-        return suffix in TORCH_SUFFIXES
-    with open(path, "rb") as f:
-        return f.read(4) == b"PK\x03\x04"
+def looks_like_torch(path) -> bool:
+    """Whether ``path`` is a torch file (torch.save's zip, or a legacy pickle) rather than safetensors;
+    the one test, for shvit_numpy and shvit_torch alike. The content decides first: a zip's signature
+    is torch; a safetensors header (an 8-byte length that fits the file, then its JSON's ``{``) is
+    safetensors, even when that length begins with a pickle's bytes (80 02 is a length of 640); then a
+    pickle's first bytes are torch. Anything else (missing, empty, damaged) goes by the name
+    (.pth, .pt, .bin, .tar, .ckpt), so its error speaks of the format the user meant."""
+    path = Path(path)
+    if path.is_file():
+        with open(path, "rb") as f:
+            head = f.read(9)
+        if head[:4] == b"PK\x03\x04":
+            return True
+        if len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") + 8 <= path.stat().st_size:
+            return False
+        if head[:2] in (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05"):
+            return True
+    return path.suffix.lower() in TORCH_SUFFIXES
 
 
 def _open_archive(path: Path) -> tuple[zipfile.ZipFile, str]:

@@ -17,6 +17,7 @@ import torch
 
 from shvit_numpy.errors import ShvitError, first_line
 from shvit_numpy.names import unwrap_checkpoint
+from shvit_numpy.pth import looks_like_torch
 from shvit_numpy.weights import Weights, prepare_state, read_safetensors
 
 
@@ -58,27 +59,16 @@ def _to_numpy(t) -> np.ndarray:
     return np.asarray(t)
 
 
-def is_torch_file(path: Path) -> bool:
-    """A zip (torch.save's format) or a legacy pickle, not safetensors. Safetensors is asked first:
-    its 8-byte header length can itself begin with a pickle's bytes (0x80 0x02 is a length of 640)."""
-    with open(path, "rb") as f:
-        head = f.read(9)
-    if head[:2] == b"PK":
-        return True
-    if len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") + 8 <= path.stat().st_size:
-        return False  # a safetensors header: length, then its JSON
-    return head[:2] in (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")
-
-
 def read_checkpoint(path: Path) -> Weights:
     """Any accepted file -> checked canonical ``Weights`` (float32, timm names, 4-D kernels).
 
-    The content decides, not the extension: a zip or pickle is a torch file, else safetensors.
+    The content decides, then the extension (``shvit_numpy.pth.looks_like_torch``, the numpy reader's
+    test too); torch files are read by torch, legacy pickles included.
     """
     path = Path(path)
     if not path.is_file():
         raise ShvitError(f"weight file not found: {path}")
-    if not is_torch_file(path):
+    if not looks_like_torch(path):
         tensors, meta = read_safetensors(path)
         return prepare_state(tensors, meta)
     state = unwrap_checkpoint(torch_load_safely(path))

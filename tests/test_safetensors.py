@@ -127,7 +127,7 @@ def test_legacy_torch_pickles_are_refused_with_a_hint(tmp_path):
 def test_torch_reader_takes_a_safetensors_file_whose_length_looks_like_a_pickle(tmp_path):
     """A header of 640 bytes is stored as 80 02 00 ..., a pickle's first two bytes: still safetensors."""
     import shvit_torch
-    from shvit_torch.checkpoint import is_torch_file
+    from shvit_numpy.pth import looks_like_torch
 
     model = shvit_torch.create(SHViTConfig(embed_dim=(8, 8, 8), partial_dim=(4, 4, 4), depth=(1, 1, 1), num_classes=3)).eval()
     path = tmp_path / "m.safetensors"
@@ -140,5 +140,5 @@ def test_torch_reader_takes_a_safetensors_file_whose_length_looks_like_a_pickle(
         if path.read_bytes()[:2] == b"\x80\x02":
             break
     assert path.read_bytes()[:2] == b"\x80\x02", "could not make a 640-byte header"
-    assert not is_torch_file(path)
+    assert not looks_like_torch(path)  # the one test, shared by shvit_torch.load and shvit_numpy
     assert shvit_torch.load(path).config == model.config
