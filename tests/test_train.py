@@ -190,21 +190,27 @@ def test_distillation_and_ema(short_run, tmp_path):
     assert_close("numpy, distilled", shvit_numpy.load(path)(x.numpy()), ref)
 
 
+@pytest.mark.slow  # three processes that each import torch, and gloo's rendezvous
 def test_torchrun_two_processes(tmp_path):
+    """Two ranks, one step each: the shards' counts are summed and the file is the model every
+    runtime loads (numpy gives torch's logits; tinygrad holds exactly the file's tensors, and its
+    logits equal torch's for any weights: tests/test_tiny.py, tests/test_equivalence.py)."""
     import shvit_tiny
 
-    r = run_process("--nproc_per_node", "2", "-m", "shvit_torch.train", "--out", tmp_path, "--epochs", "1", "--limit", "128",
+    r = run_process("--nproc_per_node", "2", "-m", "shvit_torch.train", "--out", tmp_path, "--epochs", "1", "--limit", "64",
                     *QUICK, prog=("-m", "torch.distributed.run"))
     assert r.returncode == 0, r.stderr[-3000:]
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     history = json.loads((tmp_path / "metrics.jsonl").read_text())
-    assert metrics["world_size"] == 2 and history["train_images"] == 128  # two shards of 64, counts summed
+    assert metrics["world_size"] == 2 and history["train_images"] == 64  # two shards of 32, counts summed
     path = tmp_path / "model.safetensors"
     x = data.digits(32).test.x[:8].numpy()
     with torch.no_grad():
         ref = shvit_torch.load(path)(torch.from_numpy(x)).numpy()
     assert_close("numpy after DDP", shvit_numpy.load(path)(x), ref)
-    assert_close("tinygrad after DDP", shvit_tiny.load(path, device="CPU")(x), ref)
+    state = shvit_numpy.load_weights(path).state
+    tiny_state = shvit_tiny.load(path, device="CPU", fold=False).state_dict()
+    assert list(tiny_state) == list(state) and all(np.array_equal(np.asarray(tiny_state[k]), state[k]) for k in state)
 
 
 def test_kill_mid_epoch_then_resume_equals_an_uninterrupted_run(tmp_path, capsys):
