@@ -6,32 +6,17 @@ multiply-adds of contiguous channel vectors, and the tokens of attention are sim
 ``x.reshape(B, H*W, C)``. Weights keep PyTorch's layout and names ((C_out, C_in/groups, k, k))
 so that the same weight file loads everywhere; the model converts NCHW input once, at its edge.
 
-Every class mirrors its shvit_torch twin attribute for attribute; ``fuse()`` folds BatchNorm
-into the convolution before it (see ``ConvBN.fuse`` for the algebra).
+Every class mirrors its shvit_torch twin attribute for attribute, and its ``forward`` is what
+calling the layer runs, as in torch (``Module``, from shvit_numpy/tree.py, which all three
+packages walk alike); ``fuse()`` folds BatchNorm into the convolution before it (see
+``ConvBN.fuse`` for the algebra).
 """
 from __future__ import annotations
 
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
-
-class Module:
-    """A plain container: its sub-layers are attributes (or lists), named like the weights."""
-
-    def children(self):
-        for name, value in vars(self).items():
-            if isinstance(value, Module) or (isinstance(value, list) and value and isinstance(value[0], Module)):
-                yield name, value
-
-
-def fuse(module):
-    """Replace, depth first, every layer that has ``fuse()`` by its folded form."""
-    if hasattr(module, "fuse"):
-        return module.fuse()
-    for name, child in list(module.children()):
-        setattr(module, name, [fuse(c) for c in child] if isinstance(child, list) else fuse(child))
-    return module
-
+from .tree import Module, fuse
 
 # ---- elementary operations ---------------------------------------------------------------------
 
@@ -70,7 +55,6 @@ def im2col(x: np.ndarray, k: int, stride: int, padding: int) -> np.ndarray:
 
 
 IM2COL_CHUNK_BYTES = 1 << 20  # the im2col copy is made ~1 MiB (a few images) at a time, while it is in cache
-DW_CHUNK_BYTES = 1 << 18  # depthwise work per step: ~256 KiB of output, so the nine passes stay in cache
 
 
 def conv_dense(x: np.ndarray, w: np.ndarray, stride: int, padding: int, bias: np.ndarray | None = None) -> np.ndarray:
@@ -119,43 +103,23 @@ def conv_grouped(x: np.ndarray, w: np.ndarray, stride: int, padding: int, groups
 
 
 def conv_depthwise(x: np.ndarray, w: np.ndarray, stride: int, padding: int, bias: np.ndarray | None = None) -> np.ndarray:
-    """Depthwise k x k convolution as k*k shifted multiply-adds over the padded input, + bias.
+    """Depthwise k x k convolution: each channel its own k x k filter, the sum of k*k shifted maps.
 
-    out[b, y, x, c] = sum_{i,j} xp[b, s*y + i, s*x + j, c] * w[c, 0, i, j]: each tap (i, j) is ONE
-    vectorised pass over a strided window of ``xp``, never a loop over pixels. Two details keep it
-    fast: at stride 1 the (W, C) axes are flattened, so a tap's window is Wo*C contiguous values per
-    row and its weights are tiled Wo times to match (NumPy then runs long inner loops); and the
-    batch is processed a few images at a time, so the accumulator stays in cache across the taps.
+    out[b, y, x, c] = sum over (i, j) of xp[b, s*y + i, s*x + j, c] * w[c, 0, i, j]: tap (i, j) is
+    ONE vectorised pass over a strided window of the padded map, scaled per channel (nine passes
+    for 3x3), never a loop over pixels.
     """
     C, _, k, _ = w.shape
-    xp = pad_hw(x, padding)  # (B, H, W, C), H and W padded
+    xp = pad_hw(x, padding)  # (B, H + 2p, W + 2p, C)
     B, H, W, _ = xp.shape
     Ho, Wo = (H - k) // stride + 1, (W - k) // stride + 1
-    out = np.empty((B, Ho, Wo, C), x.dtype)
-    taps = w[:, 0].transpose(1, 2, 0)  # (k, k, C): the weights of tap (i, j), per channel
-    if stride == 1:
-        xp, acc_all, taps = xp.reshape(B, H, W * C), out.reshape(B, Ho, Wo * C), np.tile(taps, (1, 1, Wo))
-        bias = None if bias is None else np.tile(bias, Wo)  # (Wo*C,)
-
-        def window(b, i, j):  # (b, Ho, Wo*C): rows i.., pixels j.. of the flattened rows
-            return xp[b, i:i + Ho, j * C:(j + Wo) * C]
-    else:
-        acc_all = out
-
-        def window(b, i, j):  # (b, Ho, Wo, C): every stride-th row and pixel from (i, j)
-            return xp[b, i:i + stride * (Ho - 1) + 1:stride, j:j + stride * (Wo - 1) + 1:stride]
-    step = max(1, DW_CHUNK_BYTES // max(1, out[0].nbytes))
-    for b0 in range(0, B, step):
-        b = slice(b0, b0 + step)
-        acc = acc_all[b]
-        np.multiply(window(b, 0, 0), taps[0, 0], out=acc)
-        tmp = np.empty_like(acc)
-        for i in range(k):
-            for j in range(k):
-                if i or j:
-                    acc += np.multiply(window(b, i, j), taps[i, j], out=tmp)
-        if bias is not None:
-            acc += bias
+    out = np.zeros((B, Ho, Wo, C), x.dtype)
+    for i in range(k):
+        for j in range(k):
+            window = xp[:, i:i + stride * (Ho - 1) + 1:stride, j:j + stride * (Wo - 1) + 1:stride]  # (B, Ho, Wo, C)
+            out += window * w[:, 0, i, j]  # tap (i, j): per-channel weights broadcast over the last axis
+    if bias is not None:
+        out += bias
     return out
 
 
@@ -169,7 +133,7 @@ class Conv2d(Module):
         self.weight = np.zeros((cout, cin // groups, k, k), np.float32)
         self.bias = np.zeros(cout, np.float32) if bias else None
 
-    def __call__(self, x):  # (B, H, W, C_in) -> (B, H', W', C_out)
+    def forward(self, x):  # (B, H, W, C_in) -> (B, H', W', C_out)
         w, g = self.weight, self.groups
         if g == 1:
             return conv_dense(x, w, self.stride, self.padding, self.bias)
@@ -191,7 +155,7 @@ class BatchNorm2d(Module):
         scale = self.weight / np.sqrt(self.running_var + np.float32(self.eps))
         return scale, self.bias - self.running_mean * scale
 
-    def __call__(self, x):
+    def forward(self, x):
         scale, shift = self.scale_shift()
         return x * scale + shift
 
@@ -206,7 +170,7 @@ class ConvBN(Module):
         self.c = Conv2d(cin, cout, k, stride, padding, groups)
         self.bn = BatchNorm2d(cout)
 
-    def __call__(self, x):
+    def forward(self, x):
         return self.bn(self.c(x))
 
     def fuse(self) -> Conv2d:
@@ -226,7 +190,7 @@ class ReLU(Module):
     def __init__(self, inplace: bool = False):
         self.inplace = inplace
 
-    def __call__(self, x):
+    def forward(self, x):
         return np.maximum(x, 0, out=x if self.inplace else None)
 
 
@@ -241,7 +205,7 @@ class Residual(Module):
     def __init__(self, m):
         self.m = m
 
-    def __call__(self, x):
+    def forward(self, x):
         y = self.m(x)  # a fresh array: add the shortcut into it (x + m(x), one allocation fewer)
         y += x
         return y
@@ -264,7 +228,7 @@ class FFN(Module):
     def __init__(self, c, hidden):
         self.pw1, self.pw2 = ConvBN(c, hidden), ConvBN(hidden, c)
 
-    def __call__(self, x):
+    def forward(self, x):
         return self.pw2(relu_(self.pw1(x)))  # (B, H, W, hidden) -> (B, H, W, C)
 
 
@@ -274,7 +238,7 @@ class GroupNorm(Module):
     def __init__(self, c, eps=1e-5):
         self.weight, self.bias, self.eps = np.ones(c, np.float32), np.zeros(c, np.float32), eps
 
-    def __call__(self, x):  # (B, H, W, C) -> same
+    def forward(self, x):  # (B, H, W, C) -> same
         d = x - x.mean(axis=(1, 2, 3), keepdims=True)  # centred, per sample
         var = np.square(d).mean(axis=(1, 2, 3), keepdims=True)  # (B, 1, 1, 1), biased, as torch
         d /= np.sqrt(var + np.float32(self.eps))
@@ -312,7 +276,7 @@ class SingleHeadAttention(Module):
         x1 = (attn @ v).reshape(B, H, W, self.pdim)  # each query's weighted mean of the values
         return x1, x2, attn
 
-    def __call__(self, x):
+    def forward(self, x):
         x1, x2, attn = self.attention(x)
         if self.keep_attention:
             self.last_attention = attn
@@ -328,7 +292,7 @@ class SqueezeExcite(Module):
     def __init__(self, ch, rd):
         self.fc1, self.fc2 = Conv2d(ch, rd, bias=True), Conv2d(rd, ch, bias=True)
 
-    def __call__(self, x):  # (B, H, W, C)
+    def forward(self, x):  # (B, H, W, C)
         s = x.mean(axis=(1, 2), keepdims=True)  # (B, 1, 1, C)
         return x * sigmoid(self.fc2(np.maximum(self.fc1(s), 0)))
 
@@ -343,7 +307,7 @@ class PatchMerging(Module):
         self.se = SqueezeExcite(hid, rd)
         self.conv3 = ConvBN(hid, out_dim)
 
-    def __call__(self, x):
+    def forward(self, x):
         x = relu_(self.conv1(x))  # (B, H, W, 4C)
         x = relu_(self.conv2(x))  # (B, H/2, W/2, 4C)
         return self.conv3(self.se(x))  # (B, H/2, W/2, C')
@@ -357,7 +321,7 @@ class BasicBlock(Module):
         self.mixer = Residual(SingleHeadAttention(dim, qk_dim, pdim)) if kind == "s" else None
         self.ffn = Residual(FFN(dim, 2 * dim))
 
-    def __call__(self, x):
+    def forward(self, x):
         x = self.conv(x)
         if self.mixer is not None:
             x = self.mixer(x)
@@ -370,7 +334,7 @@ class Stage(Module):
     def __init__(self, downsample, blocks):
         self.downsample, self.blocks = downsample, blocks
 
-    def __call__(self, x):
+    def forward(self, x):
         for layer in (self.downsample or []) + self.blocks:
             x = layer(x)
         return x
@@ -380,7 +344,7 @@ class Linear(Module):
     def __init__(self, cin, cout):
         self.weight, self.bias = np.zeros((cout, cin), np.float32), np.zeros(cout, np.float32)
 
-    def __call__(self, x):  # (B, C_in) -> (B, C_out)
+    def forward(self, x):  # (B, C_in) -> (B, C_out)
         return x @ self.weight.T + self.bias
 
 
@@ -390,7 +354,7 @@ class NormLinear(Module):
     def __init__(self, cin, cout):
         self.bn, self.l = BatchNorm1d(cin), Linear(cin, cout)
 
-    def __call__(self, x):
+    def forward(self, x):
         return self.l(self.bn(x))
 
     def fuse(self) -> Linear:

@@ -2,8 +2,8 @@
 
 ``load(path)`` reads a canonical or timm ``.safetensors`` file, or the authors' or timm's
 ``.pth``, with the numpy-only readers of ``shvit_numpy.weights`` and ``shvit_numpy.pth``, and
-folds every BatchNorm once, at load. The public ``__call__`` takes the usual NCHW float32
-batch; inside, activations are channels-last (see layers.py).
+folds every BatchNorm once, at load. Calling the model (``forward``) takes the usual NCHW
+float32 batch; inside, activations are channels-last (see layers.py).
 """
 from __future__ import annotations
 
@@ -13,8 +13,9 @@ import numpy as np
 
 from .checks import check_array
 from .config import SHViTConfig, default_resolution, se_channels
-from .layers import FFN, BasicBlock, ConvBN, Module, NormLinear, PatchMerging, ReLU, Residual, SingleHeadAttention, Stage, fuse
+from .layers import FFN, BasicBlock, ConvBN, NormLinear, PatchMerging, ReLU, Residual, SingleHeadAttention, Stage
 from .names import check_state, state_shapes, to_canonical
+from .tree import Module, assign, fuse_children, walk
 from .weights import Weights, load_weights
 
 
@@ -63,8 +64,7 @@ class SHViT(Module):
         state = to_canonical(state)  # float32, C-contiguous, canonical names
         check_state(state, self.config)
         for name in state_shapes(self.config):
-            *path, leaf = name.split(".")
-            setattr(walk(self, path), leaf, state[name])
+            assign(self, name, state[name])
         return self
 
     def fuse(self) -> SHViT:
@@ -72,9 +72,7 @@ class SHViT(Module):
         ConvBN -> Conv2d with bias (w' = w g / sqrt(var + eps), b' = beta - mean g / sqrt(var + eps));
         Residual(depthwise ConvBN) -> one depthwise conv (+1 on each kernel's centre tap);
         head BatchNorm1d + Linear -> Linear (W' = W diag(s), b' = W t + b). Outputs change by rounding only."""
-        for name, child in list(self.children()):
-            setattr(self, name, [fuse(c) for c in child] if isinstance(child, list) else fuse(child))
-        return self
+        return fuse_children(self)
 
     def children(self):
         yield from ((k, v) for k, v in super().children() if v is not None)
@@ -105,8 +103,8 @@ class SHViT(Module):
         """(B, C3, h, w) map -> logits: global average pool, then the head(s)."""
         return self.logits(x.mean(axis=(2, 3)))
 
-    def __call__(self, x: np.ndarray) -> np.ndarray:
-        """(B, 3, H, W) float32, any H and W -> logits (B, classes) float32."""
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        """(B, 3, H, W) float32, any H and W -> logits (B, classes) float32 (``model(x)``)."""
         check_array(x, self.config.in_chans)
         return self.logits(self.features(x.transpose(0, 2, 3, 1)).mean(axis=(1, 2)))  # pool: (B, C3)
 
@@ -135,14 +133,7 @@ class SHViT(Module):
 
     def state_dict(self) -> dict[str, np.ndarray]:
         """The unfolded tensors by canonical name (only before ``fuse()``)."""
-        return {name: walk(self, name.split(".")) for name in state_shapes(self.config)}
-
-
-def walk(obj, path: list[str]):
-    """Follow a canonical name's parts: attribute names, and list indices for digits."""
-    for part in path:
-        obj = obj[int(part)] if part.isdigit() else getattr(obj, part)
-    return obj
+        return {name: walk(self, name) for name in state_shapes(self.config)}
 
 
 def from_weights(w: Weights, fold: bool = True) -> SHViT:

@@ -1,10 +1,11 @@
-"""SHViT in tinygrad: the same model and weight file on CPU, CL (OpenCL), METAL, CUDA, ..."""
+"""SHViT in tinygrad: the same model and weight file on CPU, CL (OpenCL), METAL, CUDA, ...
+
+layers.py and model.py are the model (the reference path); fast/ runs it faster on the CPU device.
+Importing this package changes nothing in tinygrad.
+"""
 from shvit_numpy.config import VARIANTS, SHViTConfig
 from shvit_numpy.errors import ShvitError
 
 from .model import SHViT, load
-from .wide_vectors import install as _install_wide_vectors
-
-_install_wide_vectors()  # 8-float vectors in this package's CPU kernels (see wide_vectors.py)
 
 __all__ = ["SHViT", "SHViTConfig", "ShvitError", "VARIANTS", "load"]

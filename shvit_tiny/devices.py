@@ -8,12 +8,8 @@ With no device given: ``DEV=...`` if set, else the first that works in tinygrad'
 """
 from __future__ import annotations
 
-import contextlib
-import functools
 import os
-import platform
 import shutil
-import subprocess
 
 from shvit_numpy.errors import ShvitError
 
@@ -118,78 +114,3 @@ def resolve_device(name: str | None) -> str:
         works = ", ".join(d for d in available_devices() if d != base) or "none"
         raise ShvitError(f"device {full} is not available on this machine; available: {works}")
     return full
-
-
-@functools.cache
-def has_avx512() -> bool:
-    """Whether this is an x86-64 CPU with AVX-512 (Linux: /proc/cpuinfo's flags)."""
-    if platform.machine().lower() not in ("x86_64", "amd64"):
-        return False
-    try:
-        with open("/proc/cpuinfo") as f:
-            return any(line.startswith("flags") and " avx512f" in line for line in f)
-    except OSError:
-        return False
-
-
-@functools.cache
-def march_has_avx512(cpu: str) -> bool:
-    """Whether clang's ``-march=cpu`` turns on AVX-512 (asked of clang itself: its predefined macros)."""
-    try:
-        out = subprocess.run([os.environ.get("CC", "clang"), f"-march={cpu}", "-dM", "-E", "-x", "c", os.devnull],
-                             capture_output=True, text=True, timeout=60).stdout
-    except (OSError, subprocess.SubprocessError):
-        return False
-    return "__AVX512F__" in out
-
-
-def target_has_avx512() -> bool:
-    """Whether tinygrad's CPU device compiles for a CPU with AVX-512: the CPU named in your
-    ``DEV=CPU:CLANG:x86_64,<cpu>[,<features>]`` if you set one (``x86-64-v3`` or ``znver3``: AVX2),
-    else this machine. The register tiles follow it (layers.product_tile)."""
-    from tinygrad.helpers import DEV
-
-    arch = (DEV.target("CPU").arch or "").split(",")
-    if arch == [""]:
-        return has_avx512()
-    if arch[0] != "x86_64" or len(arch) < 2:
-        return False
-    if "avx512f" in arch[2:] or "-avx512f" in arch[2:]:
-        return "avx512f" in arch[2:]
-    return has_avx512() if arch[1] == "native" else march_has_avx512(arch[1])
-
-
-def compile_workers() -> int | None:
-    """tinygrad lowers kernels in a pool of PARALLEL worker processes (by default its thread count,
-    divided among pytest-xdist workers). With one core to run on (taskset, a 1-CPU container, or
-    two xdist workers on two cores) a pool of one is pure cost, ~30% of a first call (spawning,
-    shipping every kernel there and back): then 0, lowering in this process. None: leave it
-    (PARALLEL set by you, or cores to spare)."""
-    from tinygrad.helpers import PARALLEL
-
-    if "PARALLEL" in os.environ:
-        return None
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return 0 if min(PARALLEL.value, cores) <= 1 else None
-
-
-def compile_context(device: str):
-    """The context this model's kernels are compiled in: no one-worker compile pool (see
-    ``compile_workers``); and on the CPU device, 512-bit vectors where the CPU has them. tinygrad's
-    CPU device runs clang with ``-march=native``, yet on AVX-512 CPUs clang still prefers 256-bit
-    vectors; there this asks it for 512-bit ones (tinygrad's own
-    ``DEV=CPU:CLANG:x86_64,native,prefer-vector-width=512``), and shvit_tiny.wide_vectors then gives
-    the kernels 16-float vectors: the products ~1.4x faster. Only while compiling, only for the
-    CPU device and only when ``DEV`` names no renderer or arch for it (a choice of yours is left
-    as it is)."""
-    from tinygrad import Context
-    from tinygrad.helpers import DEV, Target
-
-    settings = {}
-    if (workers := compile_workers()) is not None:
-        settings["PARALLEL"] = workers
-    cpu = [t for t in DEV.value if t.device in ("", "CPU")]
-    if device == "CPU" and not any(t.renderer or t.arch for t in cpu) and has_avx512():
-        wide = Target("CPU", "CLANG", "x86_64,native,prefer-vector-width=512")
-        settings["DEV"] = [wide] + [t for t in DEV.value if t not in cpu]  # other devices' targets kept
-    return Context(**settings) if settings else contextlib.nullcontext()

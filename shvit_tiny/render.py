@@ -97,7 +97,9 @@ def null_model(cfg, half: bool = False):
     """An SHViT of ``cfg`` with its (placeholder) weights on the NULL device, folded as load() does."""
     from tinygrad import Context, Tensor
 
-    from .layers import building_on, tensors
+    from shvit_numpy.tree import leaves
+
+    from .layers import building_on
     from .model import SHViT
 
     with building_on("NULL"):
@@ -106,7 +108,7 @@ def null_model(cfg, half: bool = False):
     if half:
         model.half(ready=False)
     with Context(PARALLEL=0):
-        Tensor.realize(*tensors(model.prepare()))  # the weights' own kernels, NULL's C renderer: not counted
+        Tensor.realize(*(t for _, t in leaves(model, Tensor)))  # the weights' own kernels, NULL's C renderer: not counted
     return model
 
 

@@ -22,7 +22,7 @@ settings.register_profile("thorough", max_examples=200, **_common)
 settings.register_profile("plant", max_examples=8, derandomize=True, phases=[Phase.explicit, Phase.reuse, Phase.generate], **_common)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev"))
 
-# The compiled-model cache (shvit_tiny/cache.py) stays off: every test compiles as a fresh machine
+# The compiled-model cache (shvit_tiny/fast/cache.py) stays off: every test compiles as a fresh machine
 # would and nothing is written to the user's ~/.cache; tests/test_cache.py turns it on in a temp folder.
 os.environ["SHVIT_CACHE"] = "0"
 

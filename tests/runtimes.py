@@ -13,16 +13,10 @@ import torch
 
 import shvit_torch
 from shvit_numpy.config import SHViTConfig
+from shvit_numpy.tree import walk
 
 HAVE_NUMPY_MODEL = importlib.util.find_spec("shvit_numpy.model") is not None
 HAVE_TINY = importlib.util.find_spec("shvit_tiny.model") is not None
-
-
-def walk(obj, path: str):
-    """Follow a canonical path: attribute names, and list indices for digits."""
-    for part in path.split(".") if path else []:
-        obj = obj[int(part)] if part.isdigit() else getattr(obj, part)
-    return obj
 
 
 class Torch:
@@ -72,9 +66,12 @@ class Tiny:
         return self.model(x)
 
     def block(self, path, x):
+        """The reference layers (layers.py), channels-last inside like NumPy's: converted at the edge."""
         from tinygrad import Tensor
 
-        return walk(self.model, path)(Tensor(x, device=self.device)).numpy()
+        if x.ndim == 2:
+            return walk(self.model, path)(Tensor(x, device=self.device)).numpy()
+        return walk(self.model, path)(Tensor(x.transpose(0, 2, 3, 1).copy(), device=self.device)).numpy().transpose(0, 3, 1, 2)
 
 
 def runtimes(path, fold: bool = True) -> list:

@@ -1,4 +1,4 @@
-"""shvit_tiny's compiled-model cache (shvit_tiny/cache.py): a capture saved by one process is
+"""shvit_tiny's compiled-model cache (shvit_tiny/fast/cache.py): a capture saved by one process is
 loaded by the next without lowering anything, bit for bit the same answer; every damaged,
 foreign or mismatched entry is reported in one line and rebuilt; an untrusted folder is not
 used; the switches turn it off; concurrent writers leave one good file; the size stays bounded.
@@ -9,9 +9,11 @@ tinygrad's in-memory caches make the rebuilds after the first compile fast).
 import json
 import os
 import pickle
+import shutil
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,7 +21,8 @@ from tinygrad import Tensor
 
 import shvit_tiny
 from shvit_numpy.config import SHViTConfig
-from shvit_tiny import cache
+from shvit_tiny import fast
+from shvit_tiny.fast import cache
 from shvit_tiny import run as tiny_run
 from tests.helpers import random_model_file
 
@@ -46,7 +49,7 @@ def cache_home(tmp_path, monkeypatch):
     """The cache switched on, in a folder of this test's own."""
     monkeypatch.setenv("SHVIT_CACHE", "1")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    cache._WARNED.clear()
+    fast._SAID.clear()
     return tmp_path / "xdg" / "shvit"
 
 
@@ -58,7 +61,7 @@ def run_once(weights, **kw):
     """A freshly loaded model's first answer, and whether its capture came from the cache."""
     model = shvit_tiny.load(weights, device="CPU", **kw)
     y = model(X)
-    (jit,) = model._jits.values()
+    (jit,) = model.runner.jits.values()
     return y, jit.fxn is None  # a loaded capture has no Python function behind it
 
 
@@ -88,7 +91,7 @@ def test_a_new_process_answers_without_lowering(weights, reference, cache_home, 
         jit.jit_lower = refuse  # capture-time lowering: a cache hit never gets there
         m = shvit_tiny.load({str(weights)!r}, device="CPU")
         np.save({str(tmp_path / 'y.npy')!r}, m(x))
-        (j,) = m._jits.values(); assert j.fxn is None
+        (j,) = m.runner.jits.values(); assert j.fxn is None
         assert np.array_equal(other(x, jit=False), before), "loading the capture changed another model's answer"
     """)
     np.save(tmp_path / "x.npy", X)
@@ -153,7 +156,7 @@ def test_an_entry_for_another_key_is_not_used(weights, reference, cache_home, ca
     model = shvit_tiny.load(weights, device="CPU")
     model(X[:, :, :32, :32])  # saves the capture for 32 x 32
     (other,) = entries(cache_home)
-    parts = model.cache_parts(Tensor(X, device="CPU"))
+    parts = model.runner.cache_parts(Tensor(X, device="CPU"))
     other.rename(cache.entry_path(cache_home, cache.key_of(parts)))
     capsys.readouterr()
     y, loaded = run_once(weights)
@@ -173,7 +176,7 @@ def test_an_untrusted_folder_is_not_used(weights, reference, cache_home, capsys)
     os.chmod(cache_home, 0o700)
     (entry,) = entries(cache_home)
     os.chmod(entry, 0o666)
-    cache._WARNED.clear()
+    fast._SAID.clear()
     assert not run_once(weights)[1]
     assert "file" in capsys.readouterr().err
 
@@ -213,6 +216,25 @@ def test_the_key_names_everything_that_changes_the_kernels(weights):
             assert cache.key_of(cache.key_parts(**base)) != key, setting
     a = shvit_tiny.model.weights_digest(weights, fold=True, half=False)
     assert a != shvit_tiny.model.weights_digest(weights, fold=True, half=True) != shvit_tiny.model.weights_digest(weights, False, True)
+
+
+def test_a_change_to_any_source_that_shapes_a_capture_rebuilds_it(weights, reference, cache_home, tmp_path, monkeypatch):
+    """The key covers shvit_tiny's sources AND shvit_numpy's (which reads and folds the weights a
+    capture holds) and the package version: here shvit_numpy's BatchNorm folding is changed in a
+    copy of the sources, and the saved capture is not answered from again."""
+    assert not run_once(weights)[1] and run_once(weights)[1]  # saved, then reused
+    roots = tuple(Path(shutil.copytree(r, tmp_path / "src" / r.name)) for r in cache.SOURCES)
+    layers = roots[0] / "layers.py"
+    text = layers.read_text()
+    assert "scale = self.weight / np.sqrt(" in text
+    layers.write_text(text.replace("scale = self.weight / np.sqrt(", "scale = 2 * self.weight / np.sqrt("))
+    assert cache.source_digest(roots) != cache.source_digest(cache.SOURCES)
+    monkeypatch.setattr(cache, "SOURCES", roots)
+    y, loaded = run_once(weights)
+    assert not loaded, "a capture made by other folding code was reused"
+    np.testing.assert_array_equal(y, reference)
+    monkeypatch.setattr(cache, "package_version", lambda: "9.9.9")
+    assert cache.source_digest.__wrapped__(roots) != cache.source_digest(roots)  # the version counts too
 
 
 @pytest.mark.xdist_group("cache-processes")  # its own processes: it can run beside the tiny group

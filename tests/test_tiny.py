@@ -6,9 +6,7 @@ Compiling kernels dominates the cost (a new input shape or model means new kerne
 model is loaded once per module, most tests share one odd, non-square input shape, and all of
 them run in one xdist worker (one process: compiled kernels are reused across tests).
 """
-import contextlib
 import os
-import re
 import subprocess
 import sys
 
@@ -22,7 +20,7 @@ import shvit_torch
 from shvit_numpy.config import SHViTConfig
 from shvit_numpy.errors import ShvitError
 from shvit_tiny import run
-from shvit_tiny.devices import available_devices, cl_is_cpu, compile_context, has_avx512, resolve_device
+from shvit_tiny.devices import available_devices, cl_is_cpu, resolve_device
 from tests.helpers import TOL, assert_close, random_model_file, randomize
 
 pytestmark = pytest.mark.xdist_group("tiny")
@@ -66,33 +64,52 @@ def test_matches_torch_on_cpu(tiny_cpu, ref):
 
 def test_matches_torch_on_cl(small, ref):
     cl = shvit_tiny.load(small[1], device="CL")
-    for call in range(2):  # the second call is TinyJit's replay: replay.py's flat calls are for the CPU device only
+    for call in range(2):  # the second call is TinyJit's replay: fast/replay.py's flat calls are for the CPU device only
         assert_close(f"tiny CL logits, call {call}", cl(X), ref, dtype=np.float32)
-    assert cl._replays == {X.shape: None}
+    assert cl.runner.replays == {X.shape: None} and cl.runner.lowered is None  # CL: the reference graph
 
 
-def test_jit_replay_equals_no_jit_and_unfolded(small, tiny_cpu, ref):
-    calls = [tiny_cpu(X) for _ in range(3)]  # compiles, then TinyJit captures, then replays
-    jit = tiny_cpu._jits[(X.shape, tiny_cpu.dtype, "CPU")]
-    assert len(tiny_cpu._jits) == 1 and jit.captured is not None
+def test_jit_replay_equals_no_jit_and_the_reference_path(small, tiny_cpu, ref):
+    """The fast path's JIT capture and replay answer exactly what its lazy graph does; the reference
+    path (layers.py as written, tinygrad's own kernels: SHVIT_FAST=0 or fast=False), here on the
+    unfolded model (BatchNorm kept, shvit_tiny's own layers), agrees with it and with torch."""
+    calls = [tiny_cpu(X) for _ in range(3)]  # compiles and captures, then replays (flat C calls)
+    assert len(tiny_cpu.runner.jits) == 1 and next(iter(tiny_cpu.runner.jits.values())).captured is not None
     no_jit = tiny_cpu(X, jit=False)
     for i, y in enumerate(calls):
         np.testing.assert_array_equal(y, no_jit, err_msg=f"call {i} (JIT) differs from the lazy graph")
-    unfolded = shvit_tiny.load(small[1], device="CPU", fold=False)
-    assert hasattr(unfolded.stages[0].blocks[0].conv.m, "bn")  # really unfolded: BatchNorm kept
-    assert_close("unfolded", unfolded(X, jit=False), ref)
-    assert_close("folded vs unfolded", no_jit, unfolded(X, jit=False))
+    reference = shvit_tiny.load(small[1], device="CPU", fold=False, fast=False)
+    assert hasattr(reference.stages[0].blocks[0].conv.m, "bn")  # really unfolded: BatchNorm kept
+    got = [reference(X) for _ in range(3)]  # TinyJit: runs, captures, replays
+    assert reference.runner is None and len(reference._jits) == 1  # the fast path never ran
+    for i, y in enumerate(got):
+        assert_close(f"reference path, call {i}", y, ref)
+    assert_close("fast path vs reference path", no_jit, got[-1])
+
+
+def test_fuse_in_tinygrad_equals_folding_on_the_host(small):
+    """SHViT.fuse() (tinygrad's own BatchNorm folding, layers.py) on real weights gives what load()'s
+    host folding (shvit_numpy's) gives, tensor by tensor."""
+    host = shvit_tiny.load(small[1], device="CPU")
+    mine = shvit_tiny.load(small[1], device="CPU", fold=False, fast=False).fuse()
+    from shvit_numpy.tree import leaves
+
+    theirs = dict(leaves(host, Tensor))
+    names = [name for name, _ in leaves(mine, Tensor)]
+    assert names == list(theirs), "the folded trees differ"
+    for name, t in leaves(mine, Tensor):
+        assert_close(f"folded {name}", t.numpy(), theirs[name].numpy(), atol=1e-5, rtol=1e-5)
 
 
 def test_cpu_replay_is_the_jits_own_answer(tiny_cpu, monkeypatch):
-    """replay.py: from a shape's second call on, numpy batches on the CPU device run the capture as
-    flat C calls; bit for bit TinyJit's replay, for new inputs (not the last output again)."""
-    from shvit_tiny.replay import CpuReplay, cpu_replay
+    """fast/replay.py: from a shape's second call on, numpy batches on the CPU device run the
+    capture as flat C calls; bit for bit TinyJit's replay, for new inputs (not the last output again)."""
+    from shvit_tiny.fast.replay import CpuReplay, cpu_replay
 
     tiny_cpu(X)
-    replay = tiny_cpu._replays[X.shape]
+    replay = tiny_cpu.runner.replays[X.shape]
     assert isinstance(replay, CpuReplay) and len(replay.calls) > 20
-    jit = tiny_cpu._jits[(X.shape, tiny_cpu.dtype, "CPU")]
+    jit = tiny_cpu.runner.jits[(X.shape, tiny_cpu.dtype, "CPU")]
     for seed in (1, 2):
         x = np.random.default_rng(seed).standard_normal(X.shape).astype(np.float32)
         y = tiny_cpu(x)
@@ -102,20 +119,33 @@ def test_cpu_replay_is_the_jits_own_answer(tiny_cpu, monkeypatch):
     assert cpu_replay(jit, "CPU", X.shape, tiny_cpu.dtype) is None
 
 
-def test_product_weights_are_packed_on_the_cpu_only(tiny_cpu, small):
-    """load() lays out each 1x1 convolution's and the head's weight on the host, packed for the CPU
-    product kernel (layers.pack_columns); the host's packing is the device's own, and the dense 3x3
-    stem and other devices keep plain (K, N) matrices."""
-    from shvit_tiny.layers import pack_columns
+def test_fast_weights_are_packed_for_their_kernels(tiny_cpu):
+    """fast/pack.py lays each product's weight out as (Np/P, K, P): packed[jo, k, ji] = W[k, jo*P + ji],
+    zero columns past N; the dense 3x3 stem reads (9*C_in, C_out), a depthwise conv (9, C)."""
+    from shvit_numpy.tree import leaves
+    from shvit_tiny.layers import Conv2d, Linear
 
-    ffn = tiny_cpu.stages[0].blocks[0].ffn.m.pw1  # folded: ConvBN -> Conv2d
-    for name, layer in (("FFN pw1", ffn), ("head", tiny_cpu.head)):
-        assert layer.w_mat.ndim == 3, name
-        np.testing.assert_array_equal(layer.w_mat.numpy(), pack_columns(layer.matrix() if name != "head" else layer.weight.T).numpy(),
-                                      err_msg=name)
-    assert tiny_cpu.patch_embed[0].w_mat.ndim == 2
-    cl = shvit_tiny.load(small[1], device="CL")
-    assert cl.stages[0].blocks[0].ffn.m.pw1.w_mat.ndim == 2 and cl.head.w_mat.ndim == 2
+    weights = tiny_cpu.runner.lowered.weights
+    layers = dict(leaves(tiny_cpu, (Conv2d, Linear)))
+    assert len(weights) == len(layers)
+    checked = set()
+    for name, layer in layers.items():
+        packed = weights[id(layer)][0].numpy()
+        w = layer.weight.numpy()
+        if w.ndim == 2 or w.shape[-1] == 1 and layer.groups == 1:  # a product: W = weight.T (K, N)
+            m = w.T if w.ndim == 2 else w[:, :, 0, 0].T
+            P = packed.shape[2]
+            unpacked = packed.transpose(1, 0, 2).reshape(m.shape[0], -1)  # (K, Np)
+            np.testing.assert_array_equal(unpacked[:, :m.shape[1]], m, err_msg=name)
+            assert not unpacked[:, m.shape[1]:].any() and unpacked.shape[1] % P == 0, name
+            checked.add("product")
+        elif layer.groups == 1:
+            np.testing.assert_array_equal(packed, w.transpose(2, 3, 1, 0).reshape(-1, w.shape[0]), err_msg=name)
+            checked.add("dense")
+        else:
+            np.testing.assert_array_equal(packed, w.reshape(w.shape[0], -1).T, err_msg=name)
+            checked.add("depthwise")
+    assert checked == {"product", "dense", "depthwise"}
 
 
 def test_odd_batch_and_shape(small, tiny_cpu):
@@ -224,109 +254,3 @@ def test_cli_bad_input_array(small, tmp_path):
     np.save(tmp_path / "x.npy", np.zeros((1, 4, 16, 16), np.float32))
     r = run_cli("--weights", small[1], "--input", tmp_path / "x.npy", "--device", "CPU")
     assert_one_line_error(r, "4 channels")
-
-
-WIDE_SCRIPT = """
-import contextlib, sys
-import numpy as np
-from tinygrad import Tensor
-import shvit_tiny
-from shvit_tiny.devices import compile_context
-from shvit_tiny.layers import conv_depthwise, matmul_bias
-rng = np.random.default_rng(0)
-with compile_context("CPU") if sys.argv[1] == "wide" else contextlib.nullcontext():
-    for m, k, n in ((64, 24, 32), (9, 5, 12), (24, 16, 40), (24, 20, 44), (49, 24, 32)):
-        a, w, b, r = (rng.standard_normal(s).astype(np.float32) for s in ((m, k), (k, n), (n,), (m, n)))
-        out = matmul_bias(*(Tensor(t, device="CPU") for t in (a, w, b)), relu=True, residual=Tensor(r, device="CPU")).numpy()
-        np.testing.assert_allclose(out, np.maximum(a @ w + b, 0) + r, rtol=1e-5, atol=1e-5)
-    x, wt = rng.standard_normal((1, 6, 6, 12)).astype(np.float32), rng.standard_normal((9, 12)).astype(np.float32)
-    out = conv_depthwise(Tensor(x, device="CPU"), Tensor(wt, device="CPU"), None, 3, 1, 1).numpy()  # 12 channels: 4-float tiles
-    xp = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-    ref = sum(xp[:, i:i + 6, j:j + 6] * wt[3 * i + j] for i in range(3) for j in range(3))
-    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
-print("VALUES OK")
-"""
-
-
-def kernel_sources(parallel: str, context: str, dev: str | None = None) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k != "DEV"} | {"DEBUG": "4", "PARALLEL": parallel} | ({"DEV": dev} if dev else {})
-    out = subprocess.run([sys.executable, "-c", WIDE_SCRIPT, context], capture_output=True, text=True, env=env)
-    assert out.returncode == 0 and "VALUES OK" in out.stdout, out.stderr[-2000:]
-    return dict(re.findall(r"void (\w+)\((.*?)\n}", out.stdout, re.S))  # kernel name -> its C
-
-
-@pytest.mark.parametrize("parallel", ["0", "2"])
-def test_cpu_kernels_use_eight_float_vectors(parallel):
-    """shvit_tiny.wide_vectors widens the CPU kernels' 4-float accesses to 8 (2x the products'
-    speed on AVX2/AVX-512), in this process (PARALLEL=0) and in tinygrad's spawned compile
-    workers (PARALLEL=2), and the values stay exact. 44 output columns are computed as 48
-    (layers.padded_columns); a depthwise kernel over 12 channels, not a multiple of 8, keeps
-    4-float vectors."""
-    sources = kernel_sources(parallel, "plain")
-    assert "float8" in sources["gemm_64_32_24"], "the 64x32 product was not widened"
-    assert "float8" in sources["gemm_24_40_16"], "the 24x40 product was not widened"
-    assert "float8" in sources["gemm_24_48_20"], "the 24x44 product (padded to 48) was not widened"
-    assert "float8" not in sources["dw3s1_6_6_12"] and "float4" in sources["dw3s1_6_6_12"]
-
-
-@pytest.mark.skipif(not has_avx512(), reason="16-float vectors are asked for on AVX-512 CPUs only")
-def test_avx512_compiles_use_sixteen_float_vectors():
-    """Under compile_context (the model's JIT compiles in it), clang is asked for 512-bit vectors
-    and the products get 16-float accesses where the width allows; the values stay exact."""
-    sources = kernel_sources("2", "wide")
-    assert "float16" in sources["gemm_64_32_24"]  # 16-column tiles
-    assert "float8" in sources["gemm_24_40_16"] and "float16" not in sources["gemm_24_40_16"]  # 40 = 5 x 8
-    assert "float16" in sources["gemm_24_48_20"]  # 44 padded to 48 = 3 x 16
-    assert "float8" not in sources["dw3s1_6_6_12"]
-
-
-def row_tile_of(source: str, rows: int) -> int:
-    """A product kernel's register-tile rows: its row loop runs rows / tile times."""
-    return rows // int(re.search(r"for \(int Lidx0 = 0; Lidx0 < (\d+);", source)[1])
-
-
-@pytest.mark.parametrize("dev, rows, rows_49, widest", [
-    ("CPU:CLANG:x86_64,x86-64-v3", 4, 7, "float8"),  # an AVX2 CPU (16 registers of 8 floats): 4 x 16 tiles, 7 x 8 for 49 rows
-    pytest.param(None, 8, 7, "float16", marks=pytest.mark.skipif(not has_avx512(), reason="this CPU has no AVX-512")),
-])
-def test_register_tiles_follow_the_target_cpu(dev, rows, rows_49, widest):
-    """The CPU kernels are tiled for the CPU clang compiles for: DEV's (x86-64-v3 = AVX2, checked
-    here on whichever CPU this is: its code runs on any AVX-512 CPU too) or this machine's; 49
-    rows (a 7x7 map at batch 1) get 7-row tiles, not 1."""
-    sources = kernel_sources("0", "wide", dev)
-    gemm, gemm_49 = sources["gemm_64_32_24"], sources["gemm_49_32_24"]
-    assert row_tile_of(gemm, 64) == rows and row_tile_of(gemm_49, 49) == rows_49
-    assert widest in gemm and (widest == "float16" or "float16" not in gemm)
-    assert widest in gemm_49 and (widest == "float16" or "float16" not in gemm_49)
-
-
-def test_compile_context_leaves_other_devices_and_your_dev_alone(monkeypatch):
-    from tinygrad.helpers import DEV, Target
-
-    monkeypatch.setenv("PARALLEL", "2")  # a PARALLEL of yours is left alone too: nothing else to set
-    assert isinstance(compile_context("CL"), contextlib.nullcontext)
-    monkeypatch.setattr(DEV, "_value", [Target("CPU", "CLANG", "x86_64,native")])
-    assert isinstance(compile_context("CPU"), contextlib.nullcontext)  # a renderer/arch you chose
-    monkeypatch.setattr(DEV, "_value", [Target("METAL")])
-    if has_avx512():
-        with compile_context("CPU"):
-            assert [repr(t) for t in DEV.value] == ["CPU:CLANG:x86_64,native,prefer-vector-width=512", "METAL"]
-    assert [repr(t) for t in DEV.value] == ["METAL"]
-
-
-def test_no_compile_pool_of_one(monkeypatch):
-    """With one core to use, tinygrad lowers in this process instead of a one-worker pool."""
-    from tinygrad.helpers import PARALLEL
-
-    from shvit_tiny.devices import compile_workers
-
-    monkeypatch.delenv("PARALLEL", raising=False)
-    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})
-    assert compile_workers() == 0
-    with compile_context("CL"):
-        assert PARALLEL.value == 0
-    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)))
-    monkeypatch.setattr(PARALLEL, "value", 8)
-    assert compile_workers() is None  # cores to spare: tinygrad's pool as it is
-    monkeypatch.setenv("PARALLEL", "1")
-    assert compile_workers() is None  # yours

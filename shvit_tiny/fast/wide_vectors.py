@@ -7,7 +7,7 @@ the matrix products of ``layers.gemm_kernel`` sat at ~60 GFLOPS on one core here
 FMA peak. This pass, run right after tinygrad's own grouping, merges each pair of neighbouring
 4-float accesses, ``[o, o+4)`` and ``[o+4, o+8)`` of one buffer, into one 8-float access when
 ``o`` is provably a multiple of 8, and then, where clang was asked for 512-bit vectors
-(``devices.compile_context`` does that on AVX-512 CPUs), pairs of those into 16-float ones. The
+(``target.compile_context`` does that on AVX-512 CPUs), pairs of those into 16-float ones. The
 products then run at ~120 GFLOPS with 8 floats and ~150 with 16. Nothing else changes: the same
 values are read and written, in the same order per element, so results are bit for bit the same.
 
@@ -18,18 +18,20 @@ on tinygrad's CPU device; every other kernel, and every other device, is left to
 page-aligned mmaps and its memory planner places buffers at multiples of 256 bytes, and the
 offset is checked to be a multiple of n floats, so every merged access is aligned.
 
-The hook is tinygrad's ``memory_coalescing`` as ``tinygrad.codegen`` calls it, wrapped once
-(``install``), in this process and in tinygrad's compile workers (spawned processes that lower
-kernels in parallel: their start-up function is wrapped to install it there too). With any
-tinygrad other than 0.14.0 nothing is installed and the kernels run with tinygrad's own 4-float
-vectors (the same answers, slower).
+The hook is tinygrad's ``memory_coalescing`` as ``tinygrad.codegen`` calls it, wrapped only inside
+``active()`` (target.compile_context enters it while the fast path compiles) and restored on
+leaving it: a tinygrad program of yours in the same process is never compiled with it. tinygrad's
+compile workers (spawned processes that lower kernels in parallel when there are cores to spare)
+start with the pass inside the block, and a pool started there is closed on leaving it. With any
+tinygrad other than 0.14.0 nothing is wrapped and the kernels keep tinygrad's own 4-float vectors
+(the same answers, slower).
 """
 from __future__ import annotations
 
+import contextlib
 from collections import defaultdict
 
 KERNEL_PREFIXES = ("gemm", "conv", "dw", "attend")
-PINNED = "0.14.0"
 
 
 def split_offset(offset):
@@ -102,21 +104,12 @@ def widen(sink, width: int = 8):
 
 
 def vector_width(ren) -> int:
-    """16 floats where clang was asked for 512-bit vectors (devices.compile_context), else 8."""
+    """16 floats where clang was asked for 512-bit vectors (target.compile_context), else 8."""
     return 16 if "prefer-vector-width=512" in (ren.target.arch or "") else 8
 
 
-def install() -> bool:
-    """Wrap tinygrad's grouping pass once; False (and nothing changed) on another tinygrad."""
-    from importlib.metadata import version
-
-    import tinygrad.codegen as codegen
-
-    coalesce = getattr(codegen, "memory_coalescing", None)
-    if version("tinygrad") != PINNED or coalesce is None:
-        return False
-    if getattr(coalesce, "shvit_wide", False):
-        return True
+def _wrapped(coalesce):
+    """tinygrad's grouping pass, then this one for this package's kernels on the CPU device."""
 
     def memory_coalescing(sink, ren):
         out = coalesce(sink, ren)
@@ -126,30 +119,54 @@ def install() -> bool:
         return out
 
     memory_coalescing.shvit_wide = True
-    codegen.memory_coalescing = memory_coalescing
-    install_in_workers()
-    return True
+    return memory_coalescing
 
 
-_tinygrad_init_worker = None  # tinygrad's own worker start-up, kept when it is replaced
+_saved: tuple | None = None  # tinygrad's own (memory_coalescing, worker start-up) while active
+_depth = 0
+
+
+def pinned() -> bool:
+    from . import PINNED, tinygrad_version
+
+    return tinygrad_version() == PINNED
+
+
+@contextlib.contextmanager
+def active():
+    """Inside this block (nestable) tinygrad compiles with the widening pass; outside, as shipped.
+    Yields whether the pass is on (False on another tinygrad)."""
+    global _depth, _saved
+    import tinygrad.codegen as codegen
+    from tinygrad.engine import worker
+
+    if _depth == 0:
+        if not pinned() or getattr(codegen, "memory_coalescing", None) is None:
+            yield False
+            return
+        _saved = (codegen.memory_coalescing, worker._init_worker)
+        codegen.memory_coalescing = _wrapped(_saved[0])
+        worker._init_worker = init_worker
+        if worker.worker_pool is not None:  # started without the pass: the next one starts with it
+            worker.terminate_worker_pool()
+    _depth += 1
+    try:
+        yield True
+    finally:
+        _depth -= 1
+        if _depth == 0:
+            codegen.memory_coalescing, worker._init_worker = _saved
+            _saved = None
+            if worker.worker_pool is not None:  # its workers have the pass: none of them serves you
+                worker.terminate_worker_pool()
 
 
 def init_worker() -> None:
-    """A compile worker's start (in the spawned process, which imported this package and so ran
-    ``install`` when it unpickled this function): tinygrad's own set-up, then this pass."""
-    if _tinygrad_init_worker is not None:
-        _tinygrad_init_worker()
-    install()
-
-
-def install_in_workers() -> None:
-    """Make tinygrad's compile workers (spawned: they import nothing of ours) install the pass.
-    A pool started before this was installed is closed, so the next one starts with it."""
-    global _tinygrad_init_worker
+    """A compile worker's start (in the spawned process, which unpickles this function and so
+    imports this module): tinygrad's own set-up, then the pass, for the worker's whole life (the
+    pool is closed when the block that started it ends)."""
+    import tinygrad.codegen as codegen
     from tinygrad.engine import worker
 
-    if worker._init_worker is init_worker:
-        return
-    _tinygrad_init_worker, worker._init_worker = worker._init_worker, init_worker
-    if worker.worker_pool is not None:
-        worker.terminate_worker_pool()
+    worker._init_worker()  # a fresh process: this is tinygrad's own
+    codegen.memory_coalescing = _wrapped(codegen.memory_coalescing)

@@ -9,7 +9,8 @@ the first run of a key saves the capture here and later runs load it and answer 
 Key: the weight file's content and how it was loaded (fold, half), the input shape and dtype,
 the device with its renderer/arch targets (and, for the CPU, the processor: the binaries are
 built with ``-march=native``), the tinygrad and Python versions, tinygrad's code-generation
-settings (BEAM, NOOPT, ...) and this package's own source.
+settings (BEAM, NOOPT, ...), and the sources of shvit_tiny and shvit_numpy (which folds the weights
+a capture holds) with the package's version.
 
 Where: ``$XDG_CACHE_HOME/shvit`` (default ``~/.cache/shvit``), the folder 0700 and each file
 0600, written atomically (temporary file + rename: two processes filling one key both succeed
@@ -34,13 +35,13 @@ import os
 import pickle
 import platform
 import stat
-import sys
 import tempfile
 from pathlib import Path
 
+from . import notice, tinygrad_version
+
 FORMAT = 1  # bump when what an entry holds changes
 MAGIC = b"shvit-tinyjit\n"
-_WARNED: set[str] = set()
 
 
 def enabled() -> bool:
@@ -59,22 +60,30 @@ def max_bytes() -> int:
         return 2048 * 2**20
 
 
-def notice(msg: str) -> None:
-    """One line on stderr, once per process and message."""
-    if msg not in _WARNED:
-        _WARNED.add(msg)
-        print(f"shvit: {msg}", file=sys.stderr)
-
-
 # ---- the key ------------------------------------------------------------------------------------
 
+SOURCES = (Path(__file__).resolve().parents[2] / "shvit_numpy", Path(__file__).resolve().parents[1])  # shvit_numpy, shvit_tiny
+
+
 @functools.cache
-def source_digest() -> str:
-    """This package's own code: a change to any of its files changes the kernels it builds."""
-    h = hashlib.sha256()
-    for p in sorted(Path(__file__).parent.glob("*.py")):
-        h.update(p.name.encode() + b"\0" + p.read_bytes())
+def source_digest(roots: tuple[Path, ...] = SOURCES) -> str:
+    """Every source that shapes a capture, and the package version: shvit_tiny's (the layers, the
+    kernels, how they are lowered) and shvit_numpy's (it reads, checks and folds the weights the
+    capture holds: a change to its folding must not be answered from an old capture)."""
+    h = hashlib.sha256(package_version().encode())
+    for root in roots:
+        for p in sorted(root.rglob("*.py")):
+            h.update(p.relative_to(root.parent).as_posix().encode() + b"\0" + p.read_bytes())
     return h.hexdigest()[:16]
+
+
+def package_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("shvit")
+    except PackageNotFoundError:  # run from a checkout that was not installed
+        return "not installed"
 
 
 @functools.cache
@@ -97,7 +106,7 @@ def key_parts(weights_id: str, shape: tuple, dtype: str, device: str) -> dict:
         "format": FORMAT, "weights": weights_id, "shape": list(shape), "dtype": dtype, "device": device,
         "target": repr(DEV.target(device.split(":")[0])),  # this device's renderer/arch (DEV=CPU:LLVM, ...)
         "tinygrad": tinygrad_version(),
-        "python": platform.python_version(), "shvit_tiny": source_digest(),
+        "python": platform.python_version(), "sources": source_digest(SOURCES),
         "settings": codegen_settings(),
     }
     if device.split(":")[0] == "CPU":
@@ -114,13 +123,6 @@ def codegen_settings() -> dict:
     out = {v.key: repr(v.value) for v in to_program_config}
     out.update(BEAM=BEAM.value, JITBEAM=getenv("JITBEAM", 0), CC=os.environ.get("CC", ""))
     return out
-
-
-@functools.cache
-def tinygrad_version() -> str:
-    from importlib.metadata import version
-
-    return version("tinygrad")
 
 
 def key_of(parts: dict) -> str:

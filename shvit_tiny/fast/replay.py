@@ -24,8 +24,7 @@ import os
 
 import numpy as np
 
-from .cache import tinygrad_version
-from .wide_vectors import PINNED
+from . import PINNED, tinygrad_version
 
 
 def enabled() -> bool:

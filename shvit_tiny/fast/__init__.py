@@ -1,0 +1,67 @@
+"""The CPU fast path: the same model, run through hand-written kernels, replayed as flat C calls,
+its compiled captures kept on disk. The one seam between it and the reference path (layers.py,
+model.py, tinygrad's own kernels and TinyJit) is ``SHViT.__call__``:
+
+    if fast.applies(self):
+        return fast.run(self, x, jit)
+
+What is here, each tested equal to the reference path (tests/test_fast.py):
+  kernels.py       matrix products, 3x3 and depthwise convolutions, attention's weighted sum, in
+                   tinygrad's UOp language with register tiles for the target CPU (target.py)
+  pack.py          their weights, laid out on the host in the order the kernels read them
+  lower.py         the model's layer tree run through those kernels, ReLU and residuals fused
+  wide_vectors.py  8- and 16-float loads and stores for those kernels, only while compiling
+  replay.py        a TinyJit capture replayed as a flat list of C calls (CPU device)
+  cache.py         captures saved on disk, so a new process answers without compiling
+  runner.py        the above per model: capture, cache, replay
+
+The kernels apply on tinygrad's CPU device in float32; other devices and float16 run the reference
+graph, still with the cache (and replay on the CPU). ``SHVIT_FAST=0``, ``load(..., fast=False)``
+or ``--no-fast`` run the reference path; on a tinygrad other than the pinned one the reference path
+runs, and one line says so. Importing this package changes nothing in tinygrad.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+PINNED = "0.14.0"  # the tinygrad whose internals (UOp kernels, TinyJit's capture) this reads
+_SAID: set[str] = set()
+
+
+def tinygrad_version() -> str:
+    from importlib.metadata import version
+
+    return version("tinygrad")
+
+
+def notice(msg: str) -> None:
+    """One line on stderr, once per process and message."""
+    if msg not in _SAID:
+        _SAID.add(msg)
+        print(f"shvit: {msg}", file=sys.stderr)
+
+
+def enabled() -> bool:
+    """Whether the fast path may run in this process: not turned off, and the pinned tinygrad."""
+    if os.environ.get("SHVIT_FAST", "1").strip().lower() in ("0", "false", "no", "off"):
+        return False
+    if tinygrad_version() != PINNED:
+        notice(f"tinygrad {tinygrad_version()} is not the pinned {PINNED}: the fast path is off, "
+               "the model runs tinygrad's own kernels (same answers, slower)")
+        return False
+    return True
+
+
+def applies(model) -> bool:
+    """Whether ``model`` runs on the fast path (see the module docstring)."""
+    return model.use_fast and enabled()
+
+
+def run(model, x, jit: bool = True):
+    """``model(x)`` on the fast path: numpy in, numpy out; a Tensor in, a Tensor out."""
+    from .runner import Runner
+
+    if model.runner is None:
+        model.runner = Runner(model)
+    return model.runner(x, jit)

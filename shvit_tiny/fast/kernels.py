@@ -1,0 +1,157 @@
+"""The CPU fast path's kernels: SHViT's sums stated in tinygrad's UOp language, with register tiles.
+
+tinygrad's own kernel heuristic tiles a matrix product 4 x 4 (4 rows x one float4) and reaches about
+30 GFLOPS on one core. The four kernels here state the same sums with a wider register tile (up to
+8 rows x 32 output channels on AVX-512, 4 x 16 on AVX2: many accumulators per loaded value,
+``product_tile``); products read their weights packed (pack.py); a dense 3x3 convolution reads its
+windows and its zero padding straight from the map (no im2col or padded copy); and bias, ReLU and
+residual are applied before the store (``kernel_epilogue``). wide_vectors.py then widens their
+loads and stores to 8 (16 on AVX-512) floats, so clang multiplies in 256-bit (512-bit) registers:
+the products run at 120-235 GFLOPS (60 with 4-float vectors). lower.py calls them; they are used
+on tinygrad's CPU device in float32 only (other devices and float16 keep tinygrad's generic
+kernels, which it tiles itself).
+
+Each kernel is a function ``(out, *inputs) -> sink`` for ``Tensor.custom_kernel``: UOp ranges
+over the output's axes and the reduction, the sum written as an accumulating store, and tinygrad's
+optimisation options (``Opt(UPCAST, axis, amount)``: unroll that axis into registers) in the
+kernel's ``KernelInfo``.
+"""
+from __future__ import annotations
+
+from tinygrad import UOp
+from tinygrad.codegen.opt import Opt, OptOps
+from tinygrad.uop.ops import AxisType, KernelInfo
+
+from .target import target_has_avx512, wide_vectors_asked
+
+# ---- register tiles -----------------------------------------------------------------------------
+
+def tile(size: int, choices=(4, 2, 1)) -> int:
+    """The largest register-tile length in ``choices`` that divides ``size``."""
+    return next(t for t in choices if size % t == 0)
+
+
+def upcasts(sizes: tuple[int, ...], *range_amount) -> tuple:
+    """UPCAST opts for (range number, amount) pairs. tinygrad drops ranges of size 1 before it
+    applies opts, so a range's axis is the number of larger ranges before it."""
+    return tuple(Opt(OptOps.UPCAST, sum(s > 1 for s in sizes[:r]), amount) for r, amount in range_amount if amount > 1)
+
+
+def channel_tile(n: int) -> tuple:
+    """Output channels a register tile holds: 16 (8, 4, ... where 16 does not divide), and 32 as
+    two upcasts (16 then 2) while compiling for 512-bit vectors (compile.compile_context): 32
+    registers of 16 floats hold 8 x 32 accumulators (2 x 16-float vectors per row); 256-bit
+    AVX2 has 16 registers and would spill them. Measured: products +20%, 3x3 convs +35%."""
+    first = tile(n, (16, 8, 4, 2, 1))
+    return (first, 2) if wide_vectors_asked() and n % 32 == 0 else (first,)
+
+
+def product_tile(m: int, n: int) -> tuple[int, tuple]:
+    """A product's register tile, (rows, channel upcasts), for the CPU clang compiles for.
+
+    AVX-512 (32 registers): up to 8 rows x 32 channels, the largest row count up to 8 that divides
+    m, so the 7x7 maps of stage 2 (m = 49 at batch 1) get 7 rows, not 1. AVX2 (16 registers of 8
+    floats): 4 rows x 16 channels (8 accumulators) where 4 divides m; else up to 7 rows x 8
+    channels (7 accumulators: 7 x 16 would spill). Measured on one core (AMD EPYC, 224x448 by 49
+    rows): AVX-512 1 row 55 GFLOPS, 7 rows 228; AVX2 1 x 16 34, 7 x 16 65, 7 x 8 90.
+    """
+    if target_has_avx512():
+        return tile(m, (8, 7, 6, 5, 4, 3, 2, 1)), channel_tile(n)
+    if m % 4 == 0:
+        return 4, channel_tile(n)
+    rows = tile(m, (7, 6, 5, 3, 2, 1))
+    return rows, channel_tile(n) if rows <= 2 else (tile(n, (8, 4, 2, 1)),)
+
+
+def channel_upcasts(sizes: tuple[int, ...], r: int, amounts: tuple) -> tuple:
+    """The UPCAST opts of ``channel_tile`` for range ``r`` (the second splits what the first left)."""
+    return tuple(o for amount in amounts for o in upcasts(sizes, (r, amount)))
+
+
+# ---- the kernels ----------------------------------------------------------------------------------
+
+def kernel_epilogue(y: UOp, relu: bool, residual: UOp | None) -> UOp:
+    """What the layer after a product would do, done on its result while in registers."""
+    y = y.maximum(0.0) if relu else y
+    return y if residual is None else y + residual
+
+
+def gemm_kernel(C: UOp, A: UOp, B: UOp, bias: UOp, *res: UOp, relu: bool = False) -> UOp:
+    """C = A @ W + bias, (M, K) @ (K, N) + (N,), then ReLU and + res[0] (M, N) if asked; W packed
+    (pack.py): B[jo, k, ji] = W[k, jo*P + ji]; C has the padded width Np (bias and residual
+    read as 0 past N). Tiled up to 8 rows x 32 columns (product_tile).
+    At batch 1 every weight comes from memory once per call (S1's are 25 MB, more than the
+    caches): read as one stream per tile, the products of stage 3 (16 rows) took 48 us, not 90."""
+    M, N = C.shape
+    P, K = B.shape[2], A.shape[1]
+    i, jo, ji = UOp.range(M, 0), UOp.range(N // P, 1), UOp.range(P, 2)
+    k = UOp.range(K, 3, axis_type=AxisType.REDUCE)
+    j = jo * P + ji
+    n = bias.shape[0]  # the real width; C's columns past it are padding
+
+    def upto_n(t: UOp) -> UOp:
+        return t if n == N else (j < n).where(t, 0.0)  # a gated load: no read past N
+
+    C = C[i, j].set(0.0)
+    C = C[i, j].set(C.after(k)[i, j] + A[i, k] * B[jo, k, ji], end=k)  # the sum over K, in registers
+    C = C[i, j].set(kernel_epilogue(C[i, j] + upto_n(bias[j]), relu, upto_n(res[0][i, j]) if res else None))
+    rows, channels = product_tile(M, N)
+    sizes = (M, N // P, P)
+    opts = channel_upcasts(sizes, 2, channels) + upcasts(sizes, (0, rows))  # channel tiles divide P (both from N's factors of 2)
+    return C.end(i, jo, ji).sink(arg=KernelInfo(name=f"gemm_{M}_{N}_{K}", opts_to_apply=opts))
+
+
+def attend_kernel(O: UOp, A: UOp, QKV: UOp, offset: int) -> UOp:
+    """Each query's weighted sum of the values, per image: O[b, i, c] = sum over j of
+    A[b, i, j] * QKV[b, j, offset + c], with A the attention (B, N, N) and the values read in
+    place from the qkv map (B, N, 2*qk + pdim) (no transposed copy). Tiled as a product
+    (product_tile): tinygrad's generic reduce ran this at 9 GFLOPS, 0.4 ms per block at batch 16."""
+    Bt, N, P = O.shape
+    b, i, c = UOp.range(Bt, 0), UOp.range(N, 1), UOp.range(P, 2)
+    j = UOp.range(N, 3, axis_type=AxisType.REDUCE)
+    O = O[b, i, c].set(0.0)
+    O = O[b, i, c].set(O.after(j)[b, i, c] + A[b, i, j] * QKV[b, j, offset + c], end=j)
+    rows, channels = product_tile(N, P)
+    sizes = (Bt, N, P)
+    opts = channel_upcasts(sizes, 2, channels) + upcasts(sizes, (1, rows))
+    return O.end(b, i, c).sink(arg=KernelInfo(name=f"attend_{N}_{P}", opts_to_apply=opts))
+
+
+def padded_load(X: UOp, b: UOp, iy: UOp, ix: UOp, c: UOp) -> UOp:
+    """X[b, iy, ix, c] of a map zero-padded on the fly: outside it the load is skipped and 0 is
+    read (a gated load), so no padded copy of the map is ever written."""
+    H, W = X.shape[1], X.shape[2]
+    return ((iy >= 0) & (iy < H) & (ix >= 0) & (ix < W)).where(X[b, iy, ix, c], 0.0)
+
+
+def conv_kernel(O: UOp, X: UOp, Wm: UOp, bias: UOp, k: int, stride: int, padding: int, relu: bool = False) -> UOp:
+    """A dense k x k convolution read straight from the map (no im2col copy):
+    O[b, y, x, n] = bias[n] + sum over (ky, kx, c) of X[b, s*y + ky - p, s*x + kx - p, c] * Wm[(ky*k + kx)*C + c, n],
+    with O (B, H', W', N), X (B, H, W, C), Wm (k*k*C, N); tiled 4 output pixels x 16 (or 32) channels."""
+    B, Ho, Wo, N = O.shape
+    C = X.shape[3]
+    b, y, x, n = (UOp.range(size, axis) for axis, size in enumerate((B, Ho, Wo, N)))
+    ky, kx, c = (UOp.range(size, axis, axis_type=AxisType.REDUCE) for axis, size in ((4, k), (5, k), (6, C)))
+    tap = padded_load(X, b, stride * y + ky - padding, stride * x + kx - padding, c)
+    O = O[b, y, x, n].set(0.0)
+    O = O[b, y, x, n].set(O.after(ky, kx, c)[b, y, x, n] + tap * Wm[(ky * k + kx) * C + c, n], end=(ky, kx, c))
+    O = O[b, y, x, n].set(kernel_epilogue(O[b, y, x, n] + bias[n], relu, None))
+    tx = tile(Wo)
+    sizes = (B, Ho, Wo, N)
+    opts = channel_upcasts(sizes, 3, channel_tile(N)) + upcasts(sizes, (2, tx), (1, tile(Ho, (4 // tx, 1))))  # 4 pixels: 4 x 1 or 2 x 2
+    return O.end(b, y, x, n).sink(arg=KernelInfo(name=f"conv{k}s{stride}_{Ho}_{Wo}_{N}_{C}", opts_to_apply=opts))
+
+
+def depthwise_kernel(O: UOp, X: UOp, Wt: UOp, bias: UOp, k: int, stride: int, padding: int, relu: bool = False) -> UOp:
+    """A depthwise k x k convolution, its k*k taps written out (no loop):
+    O[b, y, x, c] = bias[c] + sum over (ky, kx) of X[b, s*y + ky - p, s*x + kx - p, c] * Wt[ky*k + kx, c];
+    tiled over 16 channels (the generic form unrolled whole 7x7 maps, channel by channel)."""
+    B, Ho, Wo, C = O.shape
+    b, y, x, c = (UOp.range(size, axis) for axis, size in enumerate((B, Ho, Wo, C)))
+    acc = bias[c]
+    for ky in range(k):
+        for kx in range(k):
+            acc = acc + padded_load(X, b, stride * y + (ky - padding), stride * x + (kx - padding), c) * Wt[ky * k + kx, c]
+    opts = upcasts((B, Ho, Wo, C), (3, tile(C, (16, 8, 4, 2, 1))))
+    out = O[b, y, x, c].store(kernel_epilogue(acc, relu, None))
+    return out.end(b, y, x, c).sink(arg=KernelInfo(name=f"dw{k}s{stride}_{Ho}_{Wo}_{C}", opts_to_apply=opts))

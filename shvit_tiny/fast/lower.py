@@ -1,0 +1,135 @@
+"""The fast path's forward: the model's own layer tree, run through the CPU kernels of kernels.py.
+
+``Lowered(model, weights)(layer, x)`` computes what ``layer(x)`` computes (shvit_tiny/layers.py),
+layer by layer in the same order, with two differences that are only about speed:
+
+* convolutions and linear layers are custom kernels reading their weights as pack.py laid them out
+  (``weights``: id(layer) -> (weight, bias));
+* the ReLU or the residual addition that follows a product is handed to it (``relu=``,
+  ``residual=``) and applied in its last step, while the result is still in registers, rather
+  than in another pass over memory.
+
+A layer with no kernel of its own (BatchNorm, GroupNorm, ReLU) runs as layers.py writes it.
+Channels-last throughout, as in layers.py.
+"""
+from __future__ import annotations
+
+import functools
+
+from tinygrad import Tensor
+
+from .kernels import attend_kernel, conv_kernel, depthwise_kernel, gemm_kernel
+from .pack import is_product
+
+
+def epilogue(y: Tensor, relu: bool = False, residual: Tensor | None = None) -> Tensor:
+    """The ReLU and residual of a layer without a kernel epilogue (tinygrad fuses them lazily)."""
+    y = y.relu() if relu else y
+    return y if residual is None else y + residual
+
+
+def product(x: Tensor, w: Tensor, bias: Tensor, n: int, relu: bool = False, residual: Tensor | None = None) -> Tensor:
+    """(M, K) @ W + bias, then ReLU and + residual (M, n) if asked; W packed (Np/P, K, P)."""
+    padded = w.shape[0] * w.shape[2]
+    out = Tensor.empty(x.shape[0], padded, device=x.device, dtype=x.dtype)
+    res = () if residual is None else (residual,)
+    y = out.custom_kernel(x, w, bias, *res, fxn=functools.partial(gemm_kernel, relu=relu))[0]
+    return y if padded == n else y[:, :n]  # the padding columns dropped
+
+
+def window_kernel(kernel, x: Tensor, w: Tensor, bias: Tensor, cout: int, k: int, stride: int, padding: int,
+                  relu: bool) -> Tensor:
+    """A k x k convolution kernel (dense or depthwise) over (B, H, W, C) -> (B, H', W', cout)."""
+    B, H, W, _ = x.shape
+    Ho, Wo = (H + 2 * padding - k) // stride + 1, (W + 2 * padding - k) // stride + 1
+    out = Tensor.empty(B, Ho, Wo, cout, device=x.device, dtype=x.dtype)
+    fxn = functools.partial(kernel, k=k, stride=stride, padding=padding, relu=relu)
+    return out.custom_kernel(x, w, bias, fxn=fxn)[0]
+
+
+class Lowered:
+    """``model``'s forward on the CPU kernels; call it on a layer as you would call the layer."""
+
+    def __init__(self, model, weights: dict[int, tuple]):
+        self.model, self.weights = model, weights
+
+    def __call__(self, layer, x: Tensor, relu: bool = False, residual: Tensor | None = None) -> Tensor:
+        run = getattr(self, type(layer).__name__, None)  # the method named after the layer's class
+        return run(layer, x, relu, residual) if run else epilogue(layer(x), relu, residual)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(B, 3, H, W) -> (B, classes) float32: SHViT.forward, through the kernels."""
+        m = self.model
+        x = x.cast(m.dtype).permute(0, 2, 3, 1)  # (B, H, W, 3)
+        for conv, act in zip(m.patch_embed[::2], m.patch_embed[1::2] + [None]):  # conv, ReLU, ..., conv
+            x = self(conv, x, relu=act is not None)
+        for stage in m.stages:
+            x = self(stage, x)
+        pooled = x.contiguous().mean(axis=(1, 2))  # (B, C3); the map realised first, else tinygrad
+        y = self(m.head, pooled)  # folds the last product into the pooling reduce (4x slower)
+        if m.head_dist is not None:
+            y = (y + self(m.head_dist, pooled)) / 2
+        return y.float().contiguous()  # its own buffer (replay.py reads it)
+
+    # ---- one method per layer class of layers.py ------------------------------------------------
+    def Conv2d(self, conv, x, relu, residual):
+        w, bias = self.weights[id(conv)]
+        cout, _, k, _ = conv.weight.shape
+        if is_product(conv):  # pixels as ONE row axis: (B*H*W, C_in) @ (C_in, C_out)
+            B, H, W, C = x.shape
+            res = None if residual is None else residual.reshape(B * H * W, cout)
+            return product(x.reshape(B * H * W, C), w, bias, cout, relu, res).reshape(B, H, W, cout)
+        kernel = conv_kernel if conv.groups == 1 else depthwise_kernel
+        return epilogue(window_kernel(kernel, x, w, bias, cout, k, conv.stride, conv.padding, relu), residual=residual)
+
+    def ConvBN(self, m, x, relu, residual):  # an unfolded model: the BatchNorm after the kernel
+        return epilogue(m.bn(self(m.c, x)), relu, residual)
+
+    def Residual(self, r, x, relu, residual):
+        return self(r.m, x, residual=x)  # x + m(x): the addition in m's last product
+
+    def FFN(self, f, x, relu, residual):
+        return self(f.pw2, self(f.pw1, x, relu=True), relu, residual)
+
+    def SingleHeadAttention(self, a, x, relu, residual):
+        """As layers.py, but each query's weighted sum of the values is a tiled kernel reading the
+        values in place from the qkv map (tinygrad's generic reduce ran it at 9 GFLOPS)."""
+        B, H, W, _ = x.shape
+        x1, x2 = x[..., :a.pdim], x[..., a.pdim:]
+        qkv = self(a.qkv, a.pre_norm(x1)).reshape(B, H * W, -1)  # (B, N, 2qk + pdim)
+        q, k = qkv[..., :a.qk_dim], qkv[..., a.qk_dim:2 * a.qk_dim]
+        scores = (q @ k.transpose(1, 2)).float() * a.scale  # (B, N, N)
+        attn = scores.softmax(-1).cast(x.dtype).contiguous()
+        out = Tensor.empty(B, H * W, a.pdim, device=x.device, dtype=x.dtype)
+        x1 = out.custom_kernel(attn, qkv, fxn=functools.partial(attend_kernel, offset=2 * a.qk_dim))[0]
+        y = x1.reshape(B, H, W, a.pdim)
+        y = y.cat(x2, dim=-1) if x2.shape[-1] else y  # (B, H, W, C)
+        return self(a.proj[1], y.relu(), relu, residual)  # proj: ReLU, then 1x1 ConvBN C -> C
+
+    def SqueezeExcite(self, se, x, relu, residual):
+        s = x.mean(axis=(1, 2), keepdim=True)  # (B, 1, 1, C)
+        gate = self(se.fc2, self(se.fc1, s, relu=True)).sigmoid().contiguous()
+        return epilogue((x * gate).contiguous(), relu, residual)
+
+    def PatchMerging(self, p, x, relu, residual):
+        x = self(p.conv1, x, relu=True)
+        x = self(p.conv2, x, relu=True)
+        return self(p.conv3, self(p.se, x), relu, residual)
+
+    def BasicBlock(self, b, x, relu, residual):
+        x = self(b.conv, x)
+        if b.mixer is not None:
+            x = self(b.mixer, x)
+        return self(b.ffn, x, relu, residual)
+
+    def Stage(self, s, x, relu, residual):
+        for layer in (s.downsample or []) + s.blocks:
+            x = self(layer, x)
+        return epilogue(x, relu, residual)
+
+    def Linear(self, lin, x, relu, residual):
+        w, bias = self.weights[id(lin)]
+        return product(x, w, bias, lin.weight.shape[0], relu, residual)
+
+    def NormLinear(self, nl, x, relu, residual):
+        return self(nl.l, nl.bn(x), relu, residual)

@@ -1,0 +1,82 @@
+"""The fast path's weights, laid out on the host once, in the order its kernels read them.
+
+A product's weight (K, N) is read by a register tile of P output columns for every k. Packed as
+(N/P, K, P), those P columns for every k lie one after another in memory, so the product streams
+its weights sequentially instead of reading P floats every N (at batch 1 every weight comes from
+memory once per call, 25 MB for S1: read as one stream per tile, stage 3's products took 48 us,
+not 90). Output widths that 8 does not divide are padded with zero columns to a multiple of 16
+(``padded_columns``). A dense k x k convolution reads (k*k*C_in, C_out) and a depthwise one
+(k*k, C). Made in numpy from the model's realised weights (tinygrad would compile ~100 one-off
+layout kernels), then copied to the device.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from shvit_numpy.tree import leaves
+
+from .kernels import tile
+
+
+def padded_columns(n: int) -> int:
+    """A product's output columns, rounded up to a multiple of 16 where 8 does not divide them:
+    the register tiles are 8 to 32 channels wide, and a count such as S2's 308 = 4 x 77 (or S3's
+    qkv, 107, a prime) would otherwise get 4- or 1-channel tiles (S2 at batch 16: 115 ms, padded
+    66). The extra columns are computed from zero weights and dropped. Up to 16 columns are left
+    as they are: cheap either way, and there the gate ``j < n`` would divide the tile evenly, which
+    tinygrad turns into a split range the tile no longer fits."""
+    return n if n % 8 == 0 or n <= 16 else -(-n // 16) * 16
+
+
+def column_block(n: int) -> int:
+    """Columns per block of a packed product weight (n padded): 32 where they divide n, else 16."""
+    return tile(n, (32, 16, 8, 4, 2, 1))
+
+
+def pack_columns(m: np.ndarray) -> np.ndarray:
+    """(K, N) -> (Np/P, K, P), Np = padded_columns(N) (zero columns added), P = column_block(Np):
+    packed[jo, k, ji] = m[k, jo*P + ji]."""
+    K, N = m.shape
+    Np = padded_columns(N)
+    P = column_block(Np)
+    return np.pad(m, ((0, 0), (0, Np - N))).reshape(K, Np // P, P).transpose(1, 0, 2)
+
+
+def is_product(conv) -> bool:
+    """A 1x1, stride-1, unpadded dense convolution: one matrix product over all pixels."""
+    return conv.groups == 1 and conv.weight.shape[-1] == 1 and conv.stride == 1 and conv.padding == 0
+
+
+def layout(layer, w: np.ndarray) -> np.ndarray:
+    """A Conv2d's or Linear's weight as its kernel reads it: products packed, a dense k x k conv
+    (k*k*C_in, C_out) with rows in (ky, kx, c) order, a depthwise one (k*k, C)."""
+    if w.ndim == 2:  # Linear: y = x @ W.T
+        return pack_columns(w.T)
+    cout, cin_g, k, _ = w.shape
+    if layer.groups == 1:
+        m = w.transpose(2, 3, 1, 0).reshape(k * k * cin_g, cout)
+        return pack_columns(m) if is_product(layer) else m
+    return w.reshape(cout, k * k).T
+
+
+def host(t) -> np.ndarray:
+    """A realised tinygrad Tensor's values (its buffer read directly where it is one), as numpy."""
+    base = t.uop.base
+    if base is t.uop and base.is_realized:
+        return base.buffer.numpy().reshape(t.shape)
+    return t.numpy()
+
+
+def prepare(model) -> dict[int, tuple]:
+    """id(layer) -> (weight as its kernel reads it, bias or zeros) for every Conv2d and Linear of
+    ``model`` (float32 on the CPU device), as realised device Tensors."""
+    from ..layers import Conv2d, Linear
+    from ..model import device_tensor
+
+    out = {}
+    for _, layer in leaves(model, (Conv2d, Linear)):
+        w = host(layer.weight).astype(np.float32)
+        n = w.shape[0]
+        bias = np.zeros(n, np.float32) if layer.bias is None else host(layer.bias).astype(np.float32)
+        out[id(layer)] = (device_tensor(layout(layer, w), model.device), device_tensor(bias, model.device))
+    return out

@@ -1,0 +1,182 @@
+"""shvit_tiny's CPU fast path (shvit_tiny/fast/) as code: its kernels' C source, its register
+tiles, the scoped vector pass, and that importing the package or leaving the fast path changes
+nothing in tinygrad. (Its answers against torch and against the reference path: tests/test_tiny.py
+and the equivalence suite.) The kernel sources come from subprocesses with DEBUG=4, so this module
+needs no compiled model and runs beside the tiny group.
+"""
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from shvit_tiny.fast.target import compile_context, compile_workers, has_avx512
+
+pytestmark = pytest.mark.xdist_group("fast-kernels")
+
+KERNEL_SCRIPT = """
+import contextlib, sys
+import numpy as np
+from tinygrad import Tensor
+from shvit_tiny.fast.kernels import depthwise_kernel
+from shvit_tiny.fast.lower import product, window_kernel
+from shvit_tiny.fast.pack import pack_columns
+from shvit_tiny.fast.target import compile_context
+rng = np.random.default_rng(0)
+T = lambda a: Tensor(np.ascontiguousarray(a), device="CPU")
+with compile_context("CPU") if sys.argv[1] == "fast" else contextlib.nullcontext():
+    for m, k, n in ((64, 24, 32), (9, 5, 12), (24, 16, 40), (24, 20, 44), (49, 24, 32)):
+        a, w, b, r = (rng.standard_normal(s).astype(np.float32) for s in ((m, k), (k, n), (n,), (m, n)))
+        out = product(T(a), T(pack_columns(w)), T(b), n, relu=True, residual=T(r)).numpy()
+        np.testing.assert_allclose(out, np.maximum(a @ w + b, 0) + r, rtol=1e-5, atol=1e-5)
+    x, wt = rng.standard_normal((1, 6, 6, 12)).astype(np.float32), rng.standard_normal((9, 12)).astype(np.float32)
+    out = window_kernel(depthwise_kernel, T(x), T(wt), T(np.zeros(12, np.float32)), 12, 3, 1, 1, False).numpy()  # 4-float tiles
+    xp = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    ref = sum(xp[:, i:i + 6, j:j + 6] * wt[3 * i + j] for i in range(3) for j in range(3))
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
+print("VALUES OK")
+"""
+
+
+def kernel_sources(parallel: str, context: str, dev: str | None = None) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "DEV"} | {"DEBUG": "4", "PARALLEL": parallel} | ({"DEV": dev} if dev else {})
+    out = subprocess.run([sys.executable, "-c", KERNEL_SCRIPT, context], capture_output=True, text=True, env=env)
+    assert out.returncode == 0 and "VALUES OK" in out.stdout, out.stderr[-2000:]
+    return dict(re.findall(r"void (\w+)\((.*?)\n}", out.stdout, re.S))  # kernel name -> its C
+
+
+AVX2 = "CPU:CLANG:x86_64,x86-64-v3"  # compiled for an AVX2 CPU (16 registers of 8 floats); runs on any newer x86
+
+
+@pytest.mark.parametrize("parallel", ["0", "2"])
+def test_fast_kernels_use_eight_float_vectors_and_give_exact_values(parallel):
+    """fast/wide_vectors.py widens the kernels' 4-float accesses to 8 (2x the products' speed on
+    AVX2), in this process (PARALLEL=0) and in tinygrad's spawned compile workers (PARALLEL=2),
+    and the values are right. 44 output columns are computed as 48 (pack.padded_columns); a
+    depthwise kernel over 12 channels, not a multiple of 8, keeps 4-float vectors."""
+    sources = kernel_sources(parallel, "fast", AVX2)
+    assert "float8" in sources["gemm_64_32_24"], "the 64x32 product was not widened"
+    assert "float8" in sources["gemm_24_40_16"], "the 24x40 product was not widened"
+    assert "float8" in sources["gemm_24_48_20"], "the 24x44 product (padded to 48) was not widened"
+    assert "float8" not in sources["dw3s1_6_6_12"] and "float4" in sources["dw3s1_6_6_12"]
+
+
+def test_outside_the_fast_path_tinygrad_compiles_as_shipped():
+    """The same kernels compiled outside compile_context: tinygrad's own 4-float vectors (the pass
+    is active only while the fast path compiles), and still the same values."""
+    sources = kernel_sources("0", "plain", AVX2)
+    assert "float4" in sources["gemm_64_32_24"]
+    assert not any("float8" in src or "float16" in src for src in sources.values())
+
+
+@pytest.mark.skipif(not has_avx512(), reason="16-float vectors are asked for on AVX-512 CPUs only")
+def test_avx512_compiles_use_sixteen_float_vectors():
+    """On an AVX-512 CPU, compile_context asks clang for 512-bit vectors and the products get
+    16-float accesses where the width allows; the values stay exact."""
+    sources = kernel_sources("2", "fast")
+    assert "float16" in sources["gemm_64_32_24"]  # 16-column tiles
+    assert "float8" in sources["gemm_24_40_16"] and "float16" not in sources["gemm_24_40_16"]  # 40 = 5 x 8
+    assert "float16" in sources["gemm_24_48_20"]  # 44 padded to 48 = 3 x 16
+    assert "float8" not in sources["dw3s1_6_6_12"]
+
+
+def row_tile_of(source: str, rows: int) -> int:
+    """A product kernel's register-tile rows: its row loop runs rows / tile times."""
+    return rows // int(re.search(r"for \(int Lidx0 = 0; Lidx0 < (\d+);", source)[1])
+
+
+@pytest.mark.parametrize("dev, rows, rows_49, widest", [
+    (AVX2, 4, 7, "float8"),  # 4 x 16 tiles, 7 x 8 for 49 rows
+    pytest.param(None, 8, 7, "float16", marks=pytest.mark.skipif(not has_avx512(), reason="this CPU has no AVX-512")),
+])
+def test_register_tiles_follow_the_target_cpu(dev, rows, rows_49, widest):
+    """The kernels are tiled for the CPU clang compiles for: DEV's (x86-64-v3 = AVX2, checked here
+    on whichever CPU this is) or this machine's; 49 rows (a 7x7 map at batch 1) get 7-row tiles."""
+    sources = kernel_sources("0", "fast", dev)
+    gemm, gemm_49 = sources["gemm_64_32_24"], sources["gemm_49_32_24"]
+    assert row_tile_of(gemm, 64) == rows and row_tile_of(gemm_49, 49) == rows_49
+    assert widest in gemm and (widest == "float16" or "float16" not in gemm)
+    assert widest in gemm_49 and (widest == "float16" or "float16" not in gemm_49)
+
+
+IMPORT_SCRIPT = """
+import tinygrad.codegen as codegen
+from tinygrad.engine import worker
+before = (codegen.memory_coalescing, worker._init_worker)
+import shvit_tiny, shvit_tiny.fast, shvit_tiny.fast.runner, shvit_tiny.fast.wide_vectors
+assert (codegen.memory_coalescing, worker._init_worker) == before, "importing shvit_tiny changed tinygrad"
+from shvit_tiny.fast.target import compile_context
+with compile_context("CPU"):
+    assert codegen.memory_coalescing is not before[0] and worker._init_worker is not before[1]
+    with compile_context("CPU"):  # nested: still on
+        assert getattr(codegen.memory_coalescing, "shvit_wide", False)
+    assert getattr(codegen.memory_coalescing, "shvit_wide", False)
+assert (codegen.memory_coalescing, worker._init_worker) == before, "leaving the fast path left tinygrad changed"
+print("UNTOUCHED")
+"""
+
+
+def test_import_and_the_fast_path_leave_tinygrad_untouched():
+    """`import shvit_tiny` replaces nothing in tinygrad; the vector pass is in place only inside
+    compile_context (nestable) and tinygrad's own functions are back after it."""
+    out = subprocess.run([sys.executable, "-c", IMPORT_SCRIPT], capture_output=True, text=True)
+    assert out.returncode == 0 and "UNTOUCHED" in out.stdout, out.stderr[-2000:]
+
+
+def test_another_tinygrad_runs_the_reference_path_and_says_so_once(monkeypatch, capsys):
+    """With a tinygrad other than the pinned one, nothing of the fast path runs (no kernels, no
+    replay, no vector pass) and one line on stderr says why."""
+    import shvit_tiny.fast as fast
+    from shvit_tiny.fast import replay, wide_vectors
+
+    monkeypatch.setattr(fast, "tinygrad_version", lambda: "0.99.0")
+    monkeypatch.setattr(fast, "_SAID", set())
+
+    class Model:
+        use_fast = True
+
+    assert not fast.applies(Model()) and not fast.applies(Model())
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "tinygrad 0.99.0 is not the pinned 0.14.0" in err[0] and "fast path is off" in err[0], err
+    assert replay.cpu_replay(object(), "CPU", (1, 3, 8, 8), None) is None
+    with wide_vectors.active() as on:
+        assert on is False
+    monkeypatch.setattr(fast, "tinygrad_version", lambda: fast.PINNED)
+    monkeypatch.setenv("SHVIT_FAST", "0")
+    assert not fast.applies(Model())
+    monkeypatch.delenv("SHVIT_FAST")
+    assert fast.applies(Model()) and not fast.applies(type("Off", (), {"use_fast": False})())
+
+
+def test_compile_context_leaves_other_devices_and_your_dev_alone(monkeypatch):
+    from tinygrad.helpers import DEV, Target
+
+    monkeypatch.setenv("PARALLEL", "2")  # a PARALLEL of yours is left alone too
+    before = [repr(t) for t in DEV.value]
+    with compile_context("CL"):
+        assert [repr(t) for t in DEV.value] == before
+    monkeypatch.setattr(DEV, "_value", [Target("CPU", "CLANG", "x86_64,native")])
+    with compile_context("CPU"):  # a renderer/arch you chose
+        assert [repr(t) for t in DEV.value] == ["CPU:CLANG:x86_64,native"]
+    monkeypatch.setattr(DEV, "_value", [Target("METAL")])
+    if has_avx512():
+        with compile_context("CPU"):
+            assert [repr(t) for t in DEV.value] == ["CPU:CLANG:x86_64,native,prefer-vector-width=512", "METAL"]
+    assert [repr(t) for t in DEV.value] == ["METAL"]
+
+
+def test_no_compile_pool_of_one(monkeypatch):
+    """With one core to use, tinygrad lowers in this process instead of a one-worker pool."""
+    from tinygrad.helpers import PARALLEL
+
+    monkeypatch.delenv("PARALLEL", raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})
+    assert compile_workers() == 0
+    with compile_context("CL"):
+        assert PARALLEL.value == 0
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)))
+    monkeypatch.setattr(PARALLEL, "value", 8)
+    assert compile_workers() is None  # cores to spare: tinygrad's pool as it is
+    monkeypatch.setenv("PARALLEL", "1")
+    assert compile_workers() is None  # yours
