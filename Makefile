@@ -5,7 +5,7 @@ PY      := .venv/bin/python
 STAMP   := .venv/.installed
 export PYTHONHASHSEED := 0
 
-.PHONY: install system render-check test test-fast test-thorough docs docs-test lint demo demo-weights bench experiments figures clean
+.PHONY: install system render-check test test-fast test-thorough docs docs-test lint demo demo-weights train-numpy bench experiments figures clean
 
 install: system $(STAMP)
 
@@ -42,6 +42,9 @@ demo: install  ## the main job: train on digits, evaluate in all three runtimes
 
 demo-weights: install  ## remake the bundled demo weights and sample images
 	$(PY) -m shvit_torch.demo --out runs/demo-weights --bundle
+
+train-numpy: install  ## the demo's task trained in nothing but NumPy: hand-written backward pass, AdamW (docs/09)
+	$(PY) -m shvit_numpy.train --out runs/numpy
 
 render-check: install  ## S1 at 224 lowered to Metal, CUDA, OpenCL and WGSL source (no GPU needed, ~30 s)
 	$(PY) -m shvit_tiny.render --variant s1

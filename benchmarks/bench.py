@@ -6,7 +6,8 @@ and CL, after the JIT) and the peers (ONNX Runtime on shvit_torch's folded ONNX 
 SHViT when timm imports), for s1-s4 at their resolutions, on one core and on all cores; then
 the time to first answer (a new process, S1 at 224, one image, one core, caches empty and warm:
 see first_answer.py). Then it checks the issue's speed floors (S1, batch 16, one core) and the
-first-answer targets (shvit_tiny CPU: <= 2 s warm, <= 15 s with empty caches).
+first-answer targets (shvit_tiny CPU: <= 2 s warm, <= 15 s with empty caches). Last, training on one
+core: shvit_numpy's hand-written backward pass and AdamW against torch's autograd (see training.py).
 
 Runs:  default  s1-s4, batches 1/16/64, 1 core and all cores; the compiled runtimes (tinygrad,
                 torch.compile: 15-50 s of compiling per input shape) at s1, batch 16 only, except
@@ -42,7 +43,7 @@ from shvit_numpy.config import RESOLUTION, VARIANTS
 from shvit_numpy.errors import ShvitError, first_line
 from shvit_numpy.weights import atomic_path
 
-from . import first_answer, machine, report
+from . import first_answer, machine, report, training
 from .runners import RUNTIMES
 
 PROG = "python -m benchmarks.bench"
@@ -112,6 +113,9 @@ def make_parser() -> Parser:
     p.add_argument("--skip", type=csv("runtime", list(RUNTIMES)), default=[], help="runtimes to leave out")
     p.add_argument("--rounds", type=int,
                    help="timed rounds per cell (default 5; --quick 3; --full 7); --first-answer-only: warm runs (default 3)")
+    p.add_argument("--training", action=argparse.BooleanOptionalAction, default=None,
+                   help="time NumPy training against torch's on one core (benchmarks/training.py, ~2 min; default: on in the "
+                        "default and --full runs)")
     p.add_argument("--warmup", type=int, default=2,
                    help="untimed calls after the first (compiling) call; tinygrad's JIT needs 2 (default 2)")
     p.add_argument("--min-round", type=float, metavar="S", help="a round repeats a call until it lasts S seconds (default 0.25)")
@@ -166,7 +170,8 @@ def plan(args) -> dict:
     return dict(keys=keys, variants=variants, batches=batches, threads=threads, rounds=rounds, warmup=args.warmup,
                 min_round_s=min_round, device=args.device, half=gpu and not args.float32, cpus=cpus,
                 restricted=restricted, memory=memory, mem_batch=mem_batch, floor_batch=mem_batch,
-                first_answer=(fa or args.first_answer_only) and not gpu, mode=mode)
+                first_answer=(fa or args.first_answer_only) and not gpu, mode=mode,
+                training=args.training if args.training is not None else mode in ("default", "full"))
 
 
 def limits(p: dict, key: str, threads: int) -> tuple[bool, list[int] | None]:
@@ -373,7 +378,7 @@ def run(p: dict) -> dict:
     try:
         print(f"preparing {', '.join(p['variants'])} (random weights{', ONNX export' if 'ort' in p['keys'] else ''})", file=sys.stderr)
         files = prepare_models(p, workdir)
-        speed, skipped, memory, answers, interrupted = [], [], [], None, False
+        speed, skipped, memory, answers, trained, interrupted = [], [], [], None, None, False
         if p["mode"] != "first-answer":
             try:
                 speed, skipped = speed_runs(p, files, workdir)
@@ -389,6 +394,11 @@ def run(p: dict) -> dict:
                 answers = first_answer_runs(p, files, workdir)
             except KeyboardInterrupt:
                 interrupted = True
+        if p.get("training") and not interrupted:  # the hand-written backward pass against autograd, one core
+            try:
+                trained = training.measure(cpu=p["cpus"][0], log=lambda m: print(m, file=sys.stderr, flush=True))
+            except KeyboardInterrupt:
+                interrupted = True
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     result = {
@@ -399,6 +409,8 @@ def run(p: dict) -> dict:
         "runtimes": {k: {"label": RUNTIMES[k].label, "what": RUNTIMES[k].what, "family": RUNTIMES[k].family} for k in p["keys"]},
         "speed": speed, "memory": memory, "skipped": skipped, "interrupted": interrupted,
     }
+    if trained is not None:
+        result["training"] = trained
     if answers is not None:
         result["first_answer"] = {k: v for k, v in answers.items() if k != "skipped"}
         result["skipped"] += answers["skipped"]

@@ -287,6 +287,10 @@ def markdown(result: dict) -> str:
             lines += floors_table(result["floors"])
         if result.get("first_answer"):
             lines += first_answer_table(result) + targets_table(result.get("targets", []))
+        if result.get("training"):
+            from .training import markdown as training_table
+
+            lines += training_table(result["training"]) + [""]
     notes = {}
     for sk in result.get("skipped", []):
         notes.setdefault((sk["runtime"], sk["reason"]), []).append(sk["where"])
