@@ -303,15 +303,16 @@ def patch_merging(layer, name: str, x: np.ndarray, grads: dict):
 
 def basic_block(layer, name: str, x: np.ndarray, grads: dict):
     """Residual DW, residual SHSA (type "s"), residual FFN."""
-    parts = [(layer.conv, "conv"), (layer.mixer, "mixer"), (layer.ffn, "ffn")]
+    parts = [(layer.conv, "conv"), (getattr(layer, "mixer", None), "mixer"), (layer.ffn, "ffn")]
     parts = [(m, n) for m, n in parts if m is not None]
     return sequence([m for m, _ in parts], name, x, grads, [n for _, n in parts])
 
 
 def stage(layer, name: str, x: np.ndarray, grads: dict):
     """The downsample's five layers (stages 2 and 3), then the blocks."""
-    layers = [*(layer.downsample or []), *layer.blocks]
-    names = [f"downsample.{i}" for i in range(len(layer.downsample or []))] + [f"blocks.{j}" for j in range(len(layer.blocks))]
+    down = getattr(layer, "downsample", None) or []
+    layers = [*down, *layer.blocks]
+    names = [f"downsample.{i}" for i in range(len(down))] + [f"blocks.{j}" for j in range(len(layer.blocks))]
     return sequence(layers, name, x, grads, names)
 
 
@@ -373,7 +374,7 @@ def model_forward(model, x: np.ndarray, grads: dict, input_grad: bool = True):
     h, stages_back = sequence(model.stages, "stages", h, grads)
     B, H, W, C = h.shape
     pooled = h.mean(axis=(1, 2))  # (B, C3)
-    heads = [(model.head, "head")] + ([(model.head_dist, "head_dist")] if model.head_dist is not None else [])
+    heads = [(model.head, "head")] + ([(model.head_dist, "head_dist")] if getattr(model, "head_dist", None) is not None else [])
     outs = [norm_linear(m, n, pooled, grads) for m, n in heads]
 
     def back(dlogits: list[np.ndarray]) -> np.ndarray:
