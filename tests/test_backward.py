@@ -157,7 +157,8 @@ def test_finite_differences_on_a_tiny_model():
         down = loss_at(x)
         p += h * v
         numeric, analytic = (up - down) / (2 * h), float(((dx if name == "input" else grads[name]) * v).sum())
-        assert abs(numeric - analytic) <= 1e-9 + 1e-6 * abs(analytic), f"{name}: finite differences {numeric:.12g}, gradient {analytic:.12g}"
+        assert abs(numeric - analytic) <= 1e-9 + 1e-6 * abs(analytic), \
+            f"{name}: finite differences {numeric:.12g}, gradient {analytic:.12g}"
 
 
 def test_initialisation_is_torchs():
