@@ -5,7 +5,7 @@ the tests that should catch it run there (``-x``: the first failure is enough); 
 which test failed first and how long that took. Every planted bug must be caught; it exits 1 if
 one is not. Areas (all by default):
 
-* ``torch``, ``numpy``, ``tiny``: in each runtime, the wrong attention scale, one residual
+* ``torch``, ``numpy``, ``tiny`` (and ``fast``, shvit_tiny's CPU kernels): in each runtime, the wrong attention scale, one residual
   connection dropped, q and k swapped, against tests/test_equivalence.py;
 * ``names``, ``preprocess``, ``readers``, ``float16``, ``training``: the edges of issue 23
   (the authors' names, image preprocessing, the ``.pth`` reader, tinygrad's float16 choices, the
@@ -61,8 +61,11 @@ BUGS = [
     Bug("numpy", "swap q and k", "shvit_numpy/layers.py", "q, k, v = np.split(", "k, q, v = np.split("),
     Bug("tiny", "attention scale", "shvit_tiny/layers.py", "self.scale = qk_dim ** -0.5", "self.scale = pdim ** -0.5"),
     Bug("tiny", "drop FFN residual", "shvit_tiny/layers.py", "        return self.ffn(x)\n", "        return self.ffn.m(x)\n"),
-    Bug("tiny", "swap q and k", "shvit_tiny/layers.py", "q, k, v = qkv[:, :self.qk_dim], qkv[:, self.qk_dim:2 * self.qk_dim]",
-        "k, q, v = qkv[:, :self.qk_dim], qkv[:, self.qk_dim:2 * self.qk_dim]"),
+    Bug("tiny", "swap q and k", "shvit_tiny/layers.py", "q, k, v = qkv.split(", "k, q, v = qkv.split("),
+    Bug("fast", "swap q and k", "shvit_tiny/fast/lower.py", "q, k = qkv[..., :a.qk_dim], qkv[..., a.qk_dim:2 * a.qk_dim]",
+        "k, q = qkv[..., :a.qk_dim], qkv[..., a.qk_dim:2 * a.qk_dim]"),
+    Bug("fast", "ReLU epilogue dropped", "shvit_tiny/fast/kernels.py", "    y = y.maximum(0.0) if relu else y\n",
+        "    y = y\n"),
     # -- the authors' names: mistakes consistent in both directions pass a round trip -----------
     Bug("names", "downsample halves swapped, both ways", "shvit_numpy/names.py",
         '_AUTHORS_DOWNSAMPLE = {"0.0": 0, "0.1": 1, "1": 2, "2.0": 3, "2.1": 4}',

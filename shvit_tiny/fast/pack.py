@@ -67,7 +67,7 @@ def host(t) -> np.ndarray:
     return t.numpy()
 
 
-def prepare(model) -> dict[int, tuple]:
+def kernel_weights(model) -> dict[int, tuple]:
     """id(layer) -> (weight as its kernel reads it, bias or zeros) for every Conv2d and Linear of
     ``model`` (float32 on the CPU device), as realised device Tensors."""
     from ..layers import Conv2d, Linear

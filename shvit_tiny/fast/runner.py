@@ -12,7 +12,7 @@ from tinygrad import Tensor, TinyJit, dtypes
 
 from . import cache
 from .lower import Lowered
-from .pack import prepare
+from .pack import kernel_weights
 from .replay import cpu_replay
 from .target import compile_context
 
@@ -27,7 +27,7 @@ class Runner:
 
     def __init__(self, model):
         self.model = model
-        self.lowered = Lowered(model, prepare(model)) if kernels_apply(model) else None
+        self.lowered = Lowered(model, kernel_weights(model)) if kernels_apply(model) else None
         self.jits: dict[tuple, TinyJit] = {}
         self.replays: dict[tuple, object] = {}  # numpy input shape -> CpuReplay, or None: TinyJit's replay
 
