@@ -39,9 +39,11 @@ def agree(results: dict, ref, repro: str, **tol) -> None:
 @needs_others
 @given(cfg=configs(), shape=input_shapes(), seed=seeds)
 def test_whole_models_agree_and_keep_samples_apart(cfg, shape, seed, tmp_path_factory):
-    """Every runtime's logits equal torch's; and no runtime mixes the samples of a batch (BatchNorm
-    in eval mode, attention per image): with every other sample replaced, sample i's logits stay
-    as they were (the same input shape, so tinygrad's capture is replayed, not recompiled)."""
+    """Every runtime's logits equal torch's, and no runtime mixes the samples of a batch.
+
+    BatchNorm runs in eval mode and attention per image: with every other sample replaced, sample
+    i's logits stay as they were (the same input shape, so tinygrad's capture is replayed, not
+    recompiled)."""
     path = make_weights(cfg, seed, tmp_path_factory.mktemp("w"))
     x = make_input(shape, seed)
     ref, *others = runtimes(path, fold=True)
@@ -73,10 +75,11 @@ def test_every_block_agrees(cfg, shape, seed, tmp_path_factory):
 @needs_others
 @given(cfg=configs(max_depth=1), shape=input_shapes(max_size=48), seed=seeds)
 def test_folding_changes_nothing(cfg, shape, seed, tmp_path_factory):
-    """Folded == unfolded, in torch and in NumPy. shvit_tiny's load() folds on the host with this
-    same NumPy code (its folded weights are shvit_numpy's, so this covers them); its own
-    ``fuse()`` is checked tensor by tensor in tests/test_tiny.py, and its unfolded layers in
-    ``test_every_block_agrees``."""
+    """Folded == unfolded, in torch and in NumPy (and so in tinygrad, which folds with NumPy's code).
+
+    shvit_tiny's load() folds on the host with this same NumPy code (its folded weights are
+    shvit_numpy's); its own ``fuse()`` is checked tensor by tensor in tests/test_tiny.py, and its
+    unfolded layers in ``test_every_block_agrees``."""
     path = make_weights(cfg, seed, tmp_path_factory.mktemp("w"))
     x = make_input(shape, seed)
     for rt in (Torch, Numpy):
