@@ -24,6 +24,7 @@ import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
 from .names import state_shapes
+from .tree import assign, walk
 
 BN_MOMENTUM = 0.1  # running = (1 - m) * running + m * batch statistic, as torch
 
@@ -427,25 +428,15 @@ def trainable_names(cfg) -> list[str]:
     return [k for k in state_shapes(cfg) if not k.endswith(("running_mean", "running_var"))]
 
 
-def locate(model, name: str):
-    """(owner object, attribute) of a canonical name: attributes, and list indices for digits."""
-    *path, leaf = name.split(".")
-    obj = model
-    for part in path:
-        obj = obj[int(part)] if part.isdigit() else getattr(obj, part)
-    return obj, leaf
-
-
 def parameters(model) -> dict[str, np.ndarray]:
-    """The model's trainable arrays by canonical name, made writable in place (an optimiser
-    updates them where the model reads them)."""
+    """The model's trainable arrays by canonical name, in torch's ``named_parameters()`` order,
+    made writable in place (an optimiser updates them where the model reads them)."""
     out = {}
     for name in trainable_names(model.config):
-        owner, leaf = locate(model, name)
-        value = getattr(owner, leaf)
+        value = walk(model, name)
         if not (value.flags.writeable and value.flags.c_contiguous and value.flags.owndata):
             value = np.array(value)
-            setattr(owner, leaf, value)
+            assign(model, name, value)
         out[name] = value
     return out
 
@@ -453,6 +444,5 @@ def parameters(model) -> dict[str, np.ndarray]:
 def cast(model, dtype):
     """Every tensor of an unfolded model (weights and running statistics) in ``dtype``; returns the model."""
     for name in state_shapes(model.config):
-        owner, leaf = locate(model, name)
-        setattr(owner, leaf, np.array(getattr(owner, leaf), dtype=dtype))
+        assign(model, name, np.array(walk(model, name), dtype=dtype))
     return model
