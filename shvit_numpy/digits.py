@@ -1,6 +1,7 @@
 """The demo's data as NumPy arrays: scikit-learn's handwritten digits, and the canvas task built from
-them (the largest of three digits on a 128x128 image). shvit_torch.data wraps these arrays as
-tensors; shvit_numpy.train uses them as they are, without torch.
+them (the largest of three digits on a 128x128 image), and the small SHViT sized for them that
+both trainers start from. shvit_torch.data wraps these arrays as tensors; shvit_numpy.train uses
+them as they are, without torch.
 
 The 1797 8x8 scans ship with scikit-learn (``load_digits``) and are drawn with Pillow; both are
 imported only when data is built. Every image goes through the spec's evaluation preprocessing
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .config import SHViTConfig
 from .errors import ShvitError
 from .preprocess import preprocess_pil, resize_size
 
@@ -23,9 +25,13 @@ CANVAS_DIGITS = 3  # distinct digits per canvas; the label is the largest, so '2
 CANVAS_CLASSES = [str(d) for d in range(CANVAS_DIGITS - 1, 10)]
 CANVAS_NOISE = 12.0  # std of the Gaussian pixel noise, in grey levels (0-255)
 CANVAS_SIZES = (6000, 1000)  # train, test canvases
+# The demo's small SHViT, the default model of shvit_torch.train and shvit_numpy.train: 334k parameters;
+# attention over 4x4 tokens (stage 2) and 2x2 (stage 3) on the canvases, 2x2 and 1x1 on 64x64 digits.
+# The trainers give it their data's class count (8 canvas classes here, 10 for the digits).
+DEMO_CONFIG = SHViTConfig(embed_dim=(32, 64, 96), partial_dim=(8, 16, 24), depth=(1, 2, 2), num_classes=len(CANVAS_CLASSES))
 
 __all__ = ["DIGITS_RES", "DIGITS_RENDER", "CANVAS_RES", "CANVAS_DIGITS", "CANVAS_CLASSES", "CANVAS_NOISE", "CANVAS_SIZES",
-           "Arrays", "load_digits", "render_digit", "digits_split", "digits_arrays", "CanvasSpec", "canvas_corners",
+           "DEMO_CONFIG", "Arrays", "load_digits", "render_digit", "digits_split", "digits_arrays", "CanvasSpec", "canvas_corners",
            "canvas_specs", "digit_inks", "render_canvas", "canvas_split_specs", "canvas_arrays"]
 
 

@@ -1,10 +1,23 @@
 """AdamW in NumPy, step for step ``torch.optim.AdamW`` (decoupled weight decay, bias correction),
 with the trainer's parameter groups: weight decay on kernels and linear weights only, never on
-norm parameters and biases (shvit_torch.train.param_groups: a tensor with one axis is not decayed).
+norm parameters and biases (shvit_torch.train.param_groups: a tensor with one axis is not decayed);
+and the learning-rate schedule both trainers follow (``lr_factor``).
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
+
+
+def lr_factor(step: int, total: int, warmup: int, base: float, floor: float) -> float:
+    """Linear warm-up to the peak, then cosine decay to ``floor``: a factor on the peak rate ``base``
+    at ``step`` (from 0) of ``total``. shvit_torch.train hands it to ``LambdaLR``; shvit_numpy.train
+    sets ``lr = base * lr_factor(...)`` before each step."""
+    if step < warmup:
+        return (step + 1) / warmup
+    t = min(1.0, (step - warmup) / max(1, total - warmup))
+    return (floor + (base - floor) * 0.5 * (1 + math.cos(math.pi * t))) / base
 
 
 def decays(param: np.ndarray) -> bool:

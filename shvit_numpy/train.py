@@ -33,15 +33,14 @@ from . import digits
 from .backward import loss_and_grads, parameters
 from .cli import Parser, fail
 from .config import SHViTConfig
+from .digits import DEMO_CONFIG
 from .errors import ShvitError
 from .model import SHViT
 from .names import state_shapes
-from .optim import AdamW
+from .optim import AdamW, lr_factor
 from .weights import atomic_path, load_weights, save_weights
 
 PROG = "python -m shvit_numpy.train"
-# The demo's small SHViT (shvit_torch.train's DIGITS_CONFIG): 334k parameters.
-DEMO_CONFIG = SHViTConfig(embed_dim=(32, 64, 96), partial_dim=(8, 16, 24), depth=(1, 2, 2), num_classes=8)
 
 
 class TrainingError(Exception):
@@ -129,7 +128,7 @@ def build_model(args, num_classes: int) -> tuple[SHViT, str]:
     return SHViT(cfg).load_state(state), note
 
 
-# ---- data and schedule ----------------------------------------------------------------------------
+# ---- data and augmentation ------------------------------------------------------------------------
 
 def class_names(data: str) -> list[str]:
     return list(digits.CANVAS_CLASSES) if data == "canvas" else [str(i) for i in range(10)]
@@ -156,14 +155,6 @@ def shift(x: np.ndarray, rng: np.random.Generator, pixels: int) -> np.ndarray:
     padded = np.pad(x, ((0, 0), (0, 0), (pixels, pixels), (pixels, pixels)), mode="edge")
     dy, dx = rng.integers(0, 2 * pixels + 1, (2, B))
     return np.stack([padded[b, :, dy[b]:dy[b] + H, dx[b]:dx[b] + W] for b in range(B)])
-
-
-def lr_at(step: int, total: int, warmup: int, peak: float, floor: float) -> float:
-    """Linear warm-up to the peak, then cosine decay to ``floor`` (shvit_torch.train's schedule)."""
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    t = min(1.0, (step - warmup) / max(1, total - warmup))
-    return floor + (peak - floor) * 0.5 * (1 + math.cos(math.pi * t))
 
 
 def clip(grads: dict[str, np.ndarray], max_norm: float) -> float:
@@ -245,7 +236,7 @@ def train(args) -> dict:
             if not (math.isfinite(loss) and math.isfinite(norm)):
                 raise TrainingError(f"the {'loss' if not math.isfinite(loss) else 'gradient norm'} became non-finite at epoch "
                                  f"{epoch + 1}, step {b + 1}; try a lower --lr")
-            opt.lr = lr_at(step, total, warmup, args.lr, args.min_lr)
+            opt.lr = args.lr * lr_factor(step, total, warmup, args.lr, args.min_lr)
             opt.step(grads)
             step += 1
             sums[0] += loss * len(y)

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
@@ -34,8 +33,10 @@ import torch.nn.functional as F
 from torch.utils.data.distributed import DistributedSampler
 
 from shvit_numpy.cli import Parser
-from shvit_numpy.config import VARIANTS, SHViTConfig, default_resolution, get_config
+from shvit_numpy.config import VARIANTS, default_resolution, get_config
+from shvit_numpy.digits import DEMO_CONFIG
 from shvit_numpy.errors import ShvitError
+from shvit_numpy.optim import lr_factor
 from shvit_numpy.weights import atomic_path
 
 from . import data as datasets
@@ -44,8 +45,8 @@ from .model import SHViT, create, from_weights, save
 from .run import pick_device
 
 PROG = "python -m shvit_torch.train"
-# A small SHViT for 64x64 digits: 334k parameters; attention over 2x2 tokens (stage 2) and 1x1 (stage 3).
-DIGITS_CONFIG = SHViTConfig(embed_dim=(32, 64, 96), partial_dim=(8, 16, 24), depth=(1, 2, 2), num_classes=10)
+# The demo's small SHViT (shvit_numpy.digits.DEMO_CONFIG), with the digits' 10 classes: 334k parameters.
+DIGITS_CONFIG = DEMO_CONFIG.replace(num_classes=10)
 # Test hook: exit like SIGKILL (status 137, no cleanup) after this many optimisation steps in all.
 KILL_ENV = "SHVIT_TEST_KILL_AFTER_STEPS"
 
@@ -172,14 +173,6 @@ def build_model(args, num_classes: int) -> tuple[SHViT, int, str]:
     model = create(base.replace(num_classes=num_classes, distillation=distill), drop_path_rate=args.drop_path)
     default = default_resolution(model.config) if args.variant else datasets.CANVAS_RES if args.data == "canvas" else datasets.DIGITS_RES
     return model, args.resolution or default, "random initialisation"
-
-
-def lr_factor(step: int, total: int, warmup: int, base: float, floor: float) -> float:
-    """Linear warm-up to the peak, then cosine decay to ``floor``: a factor on the peak rate."""
-    if step < warmup:
-        return (step + 1) / warmup
-    t = min(1.0, (step - warmup) / max(1, total - warmup))
-    return (floor + (base - floor) * 0.5 * (1 + math.cos(math.pi * t))) / base
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
