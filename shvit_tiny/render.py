@@ -62,7 +62,7 @@ def render(model, shape: tuple[int, ...], backend: str) -> Rendered:
 def main(argv=None) -> int:
     from shvit_numpy.cli import fail
     from shvit_numpy.config import VARIANTS, default_resolution
-    from shvit_numpy.errors import ShvitError
+    from shvit_numpy.errors import ShvitError, first_line
 
     p = argparse.ArgumentParser(prog="python -m shvit_tiny.render", description=__doc__.splitlines()[0])
     p.add_argument("--variant", default="s1", choices=sorted(VARIANTS))
@@ -87,7 +87,7 @@ def main(argv=None) -> int:
                 print(f"{b:7s} {r.dtype:8s} {r.kernels:4d} kernels, {r.source_bytes / 1e3:8.1f} kB of source  OK")
             except Exception as e:  # a renderer that lacks an op or dtype raises; say which
                 ok = False
-                print(f"{b:7s} NOT OK: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+                print(f"{b:7s} NOT OK: {first_line(e, named=True)}")
         return 0 if ok else 1
     except ShvitError as e:
         return fail("python -m shvit_tiny.render", e)

@@ -22,8 +22,8 @@ from tinygrad import Tensor
 import shvit_tiny
 from shvit_numpy.config import SHViTConfig
 from shvit_tiny import fast
-from shvit_tiny.fast import cache
 from shvit_tiny import run as tiny_run
+from shvit_tiny.fast import cache
 from tests.helpers import random_model_file
 
 pytestmark = pytest.mark.xdist_group("tiny")
