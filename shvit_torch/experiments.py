@@ -26,6 +26,7 @@ import statistics
 import sys
 import time
 import weakref
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -290,34 +291,41 @@ def activation_memory(model: nn.Module, x: torch.Tensor) -> dict[str, int]:
     return {"peak_bytes": meter.peak, "written_bytes": meter.written}
 
 
+@contextmanager
+def one_thread():
+    """torch on one thread inside: these models' ops are tiny, and on a busy machine a second thread
+    waiting at every op's barrier made one forward pass 100x slower (1.5 s against 10 ms)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def timings(archs: dict[str, Arch], res: int = datasets.CANVAS_RES, rounds: int = 15, calls: int = 4,
             batch: int = 32) -> dict[str, dict]:
     """One-core speed of each folded model, measured interleaved (round after round over all the
     models, so a busy moment of a shared machine touches them all alike): batch-1 latency (median
     and quartiles over rounds * calls calls, ms) and images/s at ``batch`` (median over rounds)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     models, one, many = {}, torch.randn(1, 3, res, res), torch.randn(batch, 3, res, res)
     for name, arch in archs.items():
         torch.manual_seed(0)
         models[name] = Net(arch).eval().fuse()
     lat: dict[str, list[float]] = {n: [] for n in models}
     tput: dict[str, list[float]] = {n: [] for n in models}
-    try:
-        with torch.inference_mode():
-            for m in models.values():  # warm-up
-                m(one), m(many)
-            for _ in range(rounds):
-                for name, m in models.items():
-                    for _ in range(calls):
-                        t = time.perf_counter()
-                        m(one)
-                        lat[name].append(1e3 * (time.perf_counter() - t))
+    with one_thread(), torch.inference_mode():
+        for m in models.values():  # warm-up
+            m(one), m(many)
+        for _ in range(rounds):
+            for name, m in models.items():
+                for _ in range(calls):
                     t = time.perf_counter()
-                    m(many)
-                    tput[name].append(batch / (time.perf_counter() - t))
-    finally:
-        torch.set_num_threads(threads)
+                    m(one)
+                    lat[name].append(1e3 * (time.perf_counter() - t))
+                t = time.perf_counter()
+                m(many)
+                tput[name].append(batch / (time.perf_counter() - t))
     out = {}
     for name in models:
         q = statistics.quantiles(lat[name], n=4)
@@ -333,7 +341,8 @@ def costs(arch: Arch, res: int = datasets.CANVAS_RES) -> dict:
     model = Net(arch).eval()
     fused = model.fuse()
     x = torch.randn(1, 3, res, res)
-    return {"params": sum(p.numel() for p in model.parameters()), "macs": count_macs(fused, x), **activation_memory(fused, x)}
+    with one_thread():
+        return {"params": sum(p.numel() for p in model.parameters()), "macs": count_macs(fused, x), **activation_memory(fused, x)}
 
 
 # ---- head redundancy: similarity between heads, and masking ----------------------------------------
@@ -433,10 +442,11 @@ def head_analysis(model: nn.Module, split: datasets.Split, n_maps: int = 128, n_
 
 @dataclass(frozen=True)
 class Recipe:
-    """How every variant trains: the demo's recipe (shvit_torch.demo) on the demo's canvases."""
+    """How every variant trains: the demo's recipe (shvit_torch.demo: AdamW at 4e-3, batch 64, cosine
+    to 1e-5, label smoothing, clipping, random warps) on the demo's canvases, in fewer epochs."""
 
-    epochs: int = 6
-    train_size: int = 3000
+    epochs: int = 5
+    train_size: int = 6000
     test_size: int = 1000
     batch_size: int = 64
     lr: float = 4e-3
@@ -498,15 +508,22 @@ def train_variant(arch: Arch, seed: int, recipe: Recipe, analyse_heads: bool = F
 
 
 def run_key(name: str, arch: Arch, seed: int, recipe: Recipe) -> str:
-    """A cache key: the variant, seed and recipe, and the source of everything a training run uses
-    (the blocks, the data, the training step and this file's model, training and analysis code)."""
+    """A cache key: the variant, seed and recipe, a fingerprint of the canvases, and the source of
+    everything a training run executes (the blocks, the training step and schedule, augmentation,
+    and this file's model, training and analysis code), so an edit there trains again."""
     import inspect
 
+    from . import layers
+
     h = hashlib.sha256(json.dumps([asdict(arch), seed, asdict(recipe)], sort_keys=True).encode())
-    for src in (Path(__file__).with_name("layers.py"), Path(datasets.__file__), Path(train.__file__)):
-        h.update(src.read_bytes())
-    for obj in (MultiHeadAttention, Block, ExpStage, Net, head_similarity, cross_image_similarity, mean_off_diagonal,
-                attention_maps, accuracy, head_masking, head_analysis, canvas_data, train_variant):
+    ds = canvas_data(recipe)
+    for t in (ds.train.x[::101], ds.train.y, ds.test.x[::101], ds.test.y):
+        h.update(t.contiguous().numpy().tobytes())
+    for obj in (layers.ConvBN, layers.dw_conv, layers.Residual, layers.FFN, layers.SingleHeadAttention, layers.SqueezeExcite,
+                layers.PatchMerging, layers.downsample, layers.NormLinear, train.param_groups, train.lr_factor, train.Step,
+                train.compute_loss, train.train_step, train.reseed, datasets.augment, datasets.mix,
+                MultiHeadAttention, Block, ExpStage, Net, head_similarity, cross_image_similarity, mean_off_diagonal,
+                attention_maps, accuracy, head_masking, head_analysis, train_variant):
         h.update(inspect.getsource(obj).encode())
     return f"{name.replace('/', '_')}-seed{seed}-{h.hexdigest()[:12]}"
 
