@@ -77,6 +77,7 @@ def test_first_run_saves_and_the_next_loads_it(weights, reference, cache_home):
     np.testing.assert_array_equal(y2, reference)
 
 
+@pytest.mark.slow
 def test_a_new_process_answers_without_lowering(weights, reference, cache_home, tmp_path):
     """...and right although that process already holds other tinygrad buffers (tinygrad numbers
     buffers per process: a loaded capture must not take over the live ones with its numbers)."""
@@ -132,6 +133,7 @@ def damage_payload(data, marker):
     return cache.encode(json.loads(line)["parts"], pickle.dumps(Evil()))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage, says", [
     (damage_truncate, "truncated"), (damage_flip, "checksum differs"), (damage_garbage, "not a shvit cache entry"),
     (damage_version, "another version"), (damage_payload, "UnpicklingError"),
@@ -151,6 +153,7 @@ def test_a_damaged_entry_is_reported_and_rebuilt(weights, reference, cache_home,
     assert run_once(weights)[1], "the rebuilt entry was not used by the next load"
 
 
+@pytest.mark.slow
 def test_an_entry_for_another_key_is_not_used(weights, reference, cache_home, capsys):
     """An entry copied under another key's name (another input shape) is refused, not run on X."""
     model = shvit_tiny.load(weights, device="CPU")
@@ -165,6 +168,7 @@ def test_an_entry_for_another_key_is_not_used(weights, reference, cache_home, ca
     np.testing.assert_array_equal(y, reference)
 
 
+@pytest.mark.slow
 def test_an_untrusted_folder_is_not_used(weights, reference, cache_home, capsys):
     run_once(weights)
     os.chmod(cache_home, 0o777)
@@ -181,6 +185,7 @@ def test_an_untrusted_folder_is_not_used(weights, reference, cache_home, capsys)
     assert "file" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="chown to another user needs root")
 def test_a_folder_of_another_user_is_not_used(weights, cache_home, capsys):
     run_once(weights)
@@ -190,6 +195,7 @@ def test_a_folder_of_another_user_is_not_used(weights, cache_home, capsys):
     assert "belongs to another user" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_switches_turn_it_off(weights, cache_home, monkeypatch, tmp_path):
     run_once(weights, cache=False)
     assert entries(cache_home) == []
@@ -218,6 +224,7 @@ def test_the_key_names_everything_that_changes_the_kernels(weights):
     assert a != shvit_tiny.model.weights_digest(weights, fold=True, half=True) != shvit_tiny.model.weights_digest(weights, False, True)
 
 
+@pytest.mark.slow
 def test_a_change_to_any_source_that_shapes_a_capture_rebuilds_it(weights, reference, cache_home, tmp_path, monkeypatch):
     """The key covers shvit_tiny's sources AND shvit_numpy's (which reads and folds the weights a
     capture holds) and the package version: here shvit_numpy's BatchNorm folding is changed in a
@@ -237,6 +244,7 @@ def test_a_change_to_any_source_that_shapes_a_capture_rebuilds_it(weights, refer
     assert cache.source_digest.__wrapped__(roots) != cache.source_digest(roots)  # the version counts too
 
 
+@pytest.mark.slow
 @pytest.mark.xdist_group("cache-processes")  # its own processes: it can run beside the tiny group
 def test_two_processes_filling_one_key_leave_one_good_file(weights, reference, cache_home, tmp_path):
     np.save(tmp_path / "x.npy", X)

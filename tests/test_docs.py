@@ -29,6 +29,7 @@ def test_includes_are_current(path):
     assert not problems, "\n".join(problems) + HINT
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", FILES, ids=[p.name for p in FILES])
 def test_code_blocks_run_and_outputs_are_current(path, tmp_path):
     page = render.parse(path.read_text())

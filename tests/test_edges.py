@@ -434,6 +434,7 @@ def test_the_float16_case_overflows_float16(half_case):
     assert 0.05 < np.abs(ref).max() < 50, f"logits {ref}"
 
 
+@pytest.mark.slow
 def test_float16_model_survives_overflowing_scores_and_groupnorm_on_cpu(half_case):
     """tinygrad in float16 on the CPU device: scores, softmax and GroupNorm statistics in float32
     give the float32 reference's logits; a float16 version of any of them does not (made by
@@ -453,6 +454,7 @@ EMULATED_HALF = pytest.mark.skipif(sys.version_info < (3, 12), reason=(
     "the CPU test above covers the float32 choices"))
 
 
+@pytest.mark.slow
 @EMULATED_HALF
 @pytest.mark.parametrize("device", [pytest.param("PYTHON::METAL", marks=pytest.mark.xdist_group("emulated-metal")),
                                     pytest.param("PYTHON::sm_80", marks=pytest.mark.xdist_group("emulated-cuda"))])

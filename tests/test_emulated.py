@@ -40,6 +40,7 @@ def files(tmp_path_factory):
     return d, ref
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("device, gpu", [
     pytest.param("PYTHON::METAL", "METAL", marks=pytest.mark.xdist_group("emulated-metal")),
     pytest.param("PYTHON::sm_80", "CUDA", marks=pytest.mark.xdist_group("emulated-cuda")),
@@ -64,6 +65,7 @@ def test_emulated_gpu_matches_torch(files, device, gpu, half):
     assert_close(f"{device} logits{' (float16)' if half else ''}", np.load(out), ref, **TOL["float16" if half else "float32"])
 
 
+@pytest.mark.slow
 @pytest.mark.xdist_group("rendered")
 def test_renders_for_every_gpu_backend():
     """Each backend's own source (its kernel syntax), float32 and float16, no op or dtype missing."""

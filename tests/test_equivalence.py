@@ -35,6 +35,7 @@ def agree(results: dict, ref, repro: str, **tol) -> None:
     assert not failures, "\n".join(failures) + f"\nreproduce: {repro}"
 
 
+@pytest.mark.slow
 @needs_others
 @given(cfg=configs(), shape=input_shapes(), seed=seeds)
 def test_whole_models_agree_and_keep_samples_apart(cfg, shape, seed, tmp_path_factory):
@@ -57,6 +58,7 @@ def test_whole_models_agree_and_keep_samples_apart(cfg, shape, seed, tmp_path_fa
                   command(cfg, shape, seed))
 
 
+@pytest.mark.slow
 @fewer
 @needs_others
 @given(cfg=configs(max_depth=1), shape=input_shapes(max_batch=2, max_size=40), seed=seeds)

@@ -49,6 +49,7 @@ def kernel_sources(parallel: str, context: str, dev: str | None = None) -> dict[
 AVX2 = "CPU:CLANG:x86_64,x86-64-v3"  # compiled for an AVX2 CPU (16 registers of 8 floats); runs on any newer x86
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("parallel", ["0", "2"])
 def test_fast_kernels_use_eight_float_vectors_and_give_exact_values(parallel):
     """fast/wide_vectors.py widens the kernels' 4-float accesses to 8 (2x the products' speed on
@@ -62,6 +63,7 @@ def test_fast_kernels_use_eight_float_vectors_and_give_exact_values(parallel):
     assert "float8" not in sources["dw3s1_6_6_12"] and "float4" in sources["dw3s1_6_6_12"]
 
 
+@pytest.mark.slow
 def test_outside_the_fast_path_tinygrad_compiles_as_shipped():
     """The same kernels compiled outside compile_context: tinygrad's own 4-float vectors (the pass
     is active only while the fast path compiles), and still the same values."""
@@ -70,6 +72,7 @@ def test_outside_the_fast_path_tinygrad_compiles_as_shipped():
     assert not any("float8" in src or "float16" in src for src in sources.values())
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not has_avx512(), reason="16-float vectors are asked for on AVX-512 CPUs only")
 def test_avx512_compiles_use_sixteen_float_vectors():
     """On an AVX-512 CPU, compile_context asks clang for 512-bit vectors and the products get
@@ -86,6 +89,7 @@ def row_tile_of(source: str, rows: int) -> int:
     return rows // int(re.search(r"for \(int Lidx0 = 0; Lidx0 < (\d+);", source)[1])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dev, rows, rows_49, widest", [
     (AVX2, 4, 7, "float8"),  # 4 x 16 tiles, 7 x 8 for 49 rows
     pytest.param(None, 8, 7, "float16", marks=pytest.mark.skipif(not has_avx512(), reason="this CPU has no AVX-512")),

@@ -69,6 +69,7 @@ def test_timm_files_load(tmp_path, s1, kind):
     assert_close(f"timm {kind} logits", logits(loaded), logits(model), atol=0, rtol=0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", ["s1", "s4"])
 def test_timm_model_itself_agrees(tmp_path, variant):
     """timm's own SHViT (timm 1.0.31, imported with benchmarks/standin.py's inert torchvision)

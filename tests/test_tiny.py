@@ -58,6 +58,7 @@ def test_matches_torch_on_cpu(tiny_cpu, ref):
     assert_close("tiny CPU logits (distilled: mean of both heads)", tiny_cpu(X), ref, dtype=np.float32)
 
 
+@pytest.mark.slow
 def test_matches_torch_on_cl(small, ref):
     cl = shvit_tiny.load(small[1], device="CL")
     for call in range(2):  # the second call is TinyJit's replay: fast/replay.py's flat calls are for the CPU device only
@@ -65,6 +66,7 @@ def test_matches_torch_on_cl(small, ref):
     assert cl.runner.replays == {X.shape: None} and cl.runner.lowered is None  # CL: the reference graph
 
 
+@pytest.mark.slow
 def test_jit_replay_equals_no_jit_and_the_reference_path(small, tiny_cpu, ref):
     """The fast path's JIT capture and replay answer exactly what its lazy graph does; the reference
     path (layers.py as written, tinygrad's own kernels: SHVIT_FAST=0 or fast=False), here on the
@@ -83,6 +85,7 @@ def test_jit_replay_equals_no_jit_and_the_reference_path(small, tiny_cpu, ref):
     assert_close("fast path vs reference path", no_jit, got[-1])
 
 
+@pytest.mark.slow
 def test_fuse_in_tinygrad_equals_folding_on_the_host(small):
     """SHViT.fuse() (tinygrad's own BatchNorm folding, layers.py) on real weights gives what load()'s
     host folding (shvit_numpy's) gives, tensor by tensor."""
@@ -144,6 +147,7 @@ def test_fast_weights_are_packed_for_their_kernels(tiny_cpu):
     assert checked == {"product", "dense", "depthwise"}
 
 
+@pytest.mark.slow
 def test_odd_batch_and_shape(small, tiny_cpu):
     """Batch 1 and 33 x 70: row counts of the CPU products (15, 6, 2 pixels) that no tile divides."""
     x = np.random.default_rng(1).standard_normal((1, 3, 33, 70)).astype(np.float32)
@@ -156,6 +160,7 @@ def test_tensor_in_tensor_out(tiny_cpu, ref):
     assert_close("tensor path", y.numpy(), ref)
 
 
+@pytest.mark.slow
 def test_forward_intermediates_match_torch(small, tiny_cpu):
     with torch.no_grad():
         want = [t.numpy() for t in small[0].forward_intermediates(torch.from_numpy(X))]
@@ -165,6 +170,7 @@ def test_forward_intermediates_match_torch(small, tiny_cpu):
         assert_close(f"stage {i + 1} output", g, w)
 
 
+@pytest.mark.slow
 def test_s1_once(tmp_path):
     model = shvit_torch.create("s1").eval()
     randomize(model, seed=22)
@@ -175,6 +181,7 @@ def test_s1_once(tmp_path):
     assert_close("tiny s1", tiny(x), torch_logits(model, x))
 
 
+@pytest.mark.slow
 def test_half_agrees_on_top1_within_bound(small, ref):
     y = shvit_tiny.load(small[1], device="CPU", half=True)(X)
     assert y.dtype == np.float32  # logits come back in float32
