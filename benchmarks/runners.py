@@ -1,7 +1,7 @@
 """The runtimes ``make bench`` times, each behind one interface.
 
 ``RUNTIMES[key].load(ctx)`` builds the model from the weight file of ``ctx`` (a ``Setup``) and
-returns a *runner*; ``runner.prepare(x)`` takes an NCHW float32 numpy batch and returns a
+returns a *runner*; ``runner.timed_call(x)`` takes an NCHW float32 numpy batch and returns a
 zero-argument call that runs the whole forward pass once and waits for the result. Whatever a
 user would pay per batch is inside the call (numpy in, logits out on CPU; the channels-last
 copy of the input; tinygrad's host-to-device copy); loading, folding, tracing and compiling
@@ -72,7 +72,7 @@ class TorchRunner:
             module = module.to(memory_format=torch.channels_last)
         self.module = module
 
-    def prepare(self, x):
+    def timed_call(self, x):
         torch, dev = self.torch, self.device
         xt = torch.from_numpy(x).to(dev)
         if self.setup.half:
@@ -169,7 +169,7 @@ class CallRunner:
     def __init__(self, model):
         self.model = model
 
-    def prepare(self, x):
+    def timed_call(self, x):
         return lambda: self.model(x)
 
 
@@ -191,7 +191,7 @@ class TinyRunner:
             raise Unavailable(first_line(e)) from None
         self.gpu = device not in ("CPU", "CL")
 
-    def prepare(self, x):
+    def timed_call(self, x):
         if not self.gpu:
             return lambda: self.model(x)  # numpy in (copied to the device), numpy logits out
         from tinygrad import Device, Tensor
@@ -232,7 +232,7 @@ class OrtRunner:
         self.session = ort.InferenceSession(str(setup.onnx), options, providers=["CPUExecutionProvider"])
         self.input = self.session.get_inputs()[0].name
 
-    def prepare(self, x):
+    def timed_call(self, x):
         return lambda: self.session.run(None, {self.input: x})
 
 

@@ -72,7 +72,7 @@ def time_batch(runners, x, rounds: int, warmup: int, min_round_s: float):
     calls, first, reps, failed = {}, {}, {}, {}
     for key, runner in runners.items():
         try:
-            call = runner.prepare(x)
+            call = runner.timed_call(x)
             t0 = time.perf_counter()
             call()  # compiles, where the runtime compiles
             first[key] = last = time.perf_counter() - t0
@@ -202,7 +202,7 @@ def memory(spec) -> dict:
         setup = Setup(spec["variant"], spec["weights"], spec.get("onnx"), spec["threads"], spec["device"], spec.get("half", False))
         runner = runtime.load(setup)
         x = np.random.default_rng(0).standard_normal((spec["batch"], 3, spec["resolution"], spec["resolution"])).astype(np.float32)
-        call = runner.prepare(x)
+        call = runner.timed_call(x)
         for _ in range(3):
             call()
         peak = status_mb("VmHWM") if exact else maxrss_mb()

@@ -354,7 +354,7 @@ class Run:
         return self.args.out / "checkpoint.pt"
 
 
-def prepare(args) -> tuple[Run, str]:
+def build_run(args) -> tuple[Run, str]:
     """Data, model, optimiser, schedule and EMA, resumed from the checkpoint with ``--resume``;
     and a note on how the model was initialised."""
     device = pick_device(args.device)
@@ -473,7 +473,7 @@ def finish(r: Run) -> dict:
 def train(args) -> dict:
     """The whole run; returns the final metrics (the same in every process)."""
     kill_step = kill_after()
-    r, note = prepare(args)
+    r, note = build_run(args)
     if r.main_process:
         args.out.mkdir(parents=True, exist_ok=True)
         res = r.ds.resolution
