@@ -67,7 +67,7 @@ def test_head_masking_known_answer_and_restores_the_heads():
     x[:, 0, 0, 0] = y.float()
     model = Toy()
     result = E.head_masking(model, Split(x, y))
-    assert result == {"attn": {"removed": [0.0, 1.0], "alone": [1.0, 0.0]}}
+    assert result == {"attn": {"all": 1.0, "none": 0.0, "removed": [0.0, 1.0], "alone": [1.0, 0.0]}}
     assert model.attn.head_mask.tolist() == [1.0, 1.0]
 
 
