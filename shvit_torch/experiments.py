@@ -680,13 +680,15 @@ def conclude(name: str, rows: dict) -> list[dict]:
         a, b = rows["shvit"], rows["conv4"]
         acc_ok, acc = as_accurate(a, b)
         mem_ok = a["peak_bytes"] < b["peak_bytes"] and cheaper(a, b)
-        fast = a["latency_ms"]["median"] < b["latency_ms"]["median"]
+        speedup = a["images_per_s"]["median"] / b["images_per_s"]["median"]
         out.append({"claim": "16x16 stem + 3 stages about as accurate as 4x4 stem + 4 stages", "verdict": verdict(acc_ok),
                     "evidence": f"test accuracy {acc}"})
-        out.append({"claim": "... at far lower memory and latency", "verdict": verdict(mem_ok and fast),
+        out.append({"claim": "... at far lower memory", "verdict": verdict(mem_ok),
                     "evidence": f"the 4x4 layout needs {ratio_text(a, b, 'peak_bytes')} the peak activation memory, "
-                                f"{ratio_text(a, b, 'written_bytes')} the bytes written, {ratio_text(a, b, 'macs')} the MACs "
-                                f"and {ratio_text(a, b, 'latency')} the one-core latency"})
+                                f"{ratio_text(a, b, 'written_bytes')} the bytes written and {ratio_text(a, b, 'macs')} the MACs"})
+        out.append({"claim": "... and faster (images/s at batch 32, one core)", "verdict": verdict(speedup > 1.1),
+                    "evidence": f"{speedup:.2f}x the 4x4 layout's images/s at batch {a['images_per_s']['batch']}; "
+                                f"at batch 1 the 4x4 layout takes {ratio_text(a, b, 'latency')} the latency"})
     elif name == "heads":
         m, s = rows["mhsa"], rows["shvit"]
         layers = m["heads"][0].keys()
@@ -764,8 +766,8 @@ def load_results(folder: Path = RESULTS) -> dict[str, dict]:
 
 
 def tradeoff_figure(results: dict[str, dict], path: Path) -> None:
-    """Test accuracy against one-core latency, peak activation memory and bytes written, every
-    variant of every experiment (error bars: the seeds' min-max)."""
+    """Test accuracy against one-core images/s (batch 32), peak activation memory and bytes written,
+    every variant of every experiment (error bars: the seeds' min-max)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -775,7 +777,7 @@ def tradeoff_figure(results: dict[str, dict], path: Path) -> None:
     for res in results.values():
         rows.update(res["variants"])
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.8))
-    xs = {"one-core latency, batch 1 (ms, median)": lambda v: v["latency_ms"]["median"],
+    xs = {"images/s on one core, batch 32 (median; higher is faster)": lambda v: v["images_per_s"]["median"],
           "peak activation memory, batch 1 (KiB)": lambda v: v["peak_bytes"] / 2**10,
           "bytes written by one forward pass (KiB)": lambda v: v["written_bytes"] / 2**10}
     colors = plt.get_cmap("tab10").colors
@@ -791,7 +793,8 @@ def tradeoff_figure(results: dict[str, dict], path: Path) -> None:
     r = any_res["recipe"]
     fig.suptitle(f"The paper's claims at laptop scale: every variant on the demo's canvases ({r['epochs']} epochs, "
                  f"{r['train_size']} training canvases, {any_res['seeds']} seeds), costs at 128x128\n"
-                 f"{any_res['machine']['cpu']}, shared with other work ({any_res['machine']['date']}): latencies are noisy",
+                 f"{any_res['machine']['cpu']}, shared with other work ({any_res['machine']['date']}): speeds are noisy; "
+                 "at batch 1 every variant takes 4.3-4.5 ms (operator overhead)",
                  fontsize=10)
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=8)

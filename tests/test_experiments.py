@@ -162,14 +162,14 @@ def test_memory_against_forward_hooks(name):
 
 
 def test_conclusions_follow_the_numbers():
-    def row(accs, macs, peak, written, ms):
+    def row(accs, macs, peak, written, ms, per_s):
         return {"test_acc": E.summarize(accs), "macs": macs, "peak_bytes": peak, "written_bytes": written, "params": 1,
-                "latency_ms": {"median": ms}, "label": "x"}
+                "latency_ms": {"median": ms}, "images_per_s": {"batch": 32, "median": per_s}, "label": "x"}
 
-    good = E.conclude("macro", {"shvit": row([0.80, 0.82], 4, 1, 10, 2.0), "conv4": row([0.81, 0.83], 6, 5, 50, 3.0)})
-    assert [c["verdict"] for c in good] == ["supports", "supports"]
-    bad = E.conclude("macro", {"shvit": row([0.60, 0.61], 4, 1, 10, 2.0), "conv4": row([0.81, 0.83], 6, 5, 50, 1.0)})
-    assert [c["verdict"] for c in bad] == ["does not show at this scale"] * 2
+    good = E.conclude("macro", {"shvit": row([0.80, 0.82], 4, 1, 10, 2.0, 300), "conv4": row([0.81, 0.83], 6, 5, 50, 3.0, 100)})
+    assert [c["verdict"] for c in good] == ["supports"] * 3
+    bad = E.conclude("macro", {"shvit": row([0.60, 0.61], 4, 6, 10, 2.0, 100), "conv4": row([0.81, 0.83], 6, 5, 50, 1.0, 100)})
+    assert [c["verdict"] for c in bad] == ["does not show at this scale"] * 3
     assert "0.605 vs 0.820" in bad[0]["evidence"]
 
 
