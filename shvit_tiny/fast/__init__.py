@@ -22,6 +22,7 @@ runs, and one line says so. Importing this package changes nothing in tinygrad.
 """
 from __future__ import annotations
 
+import functools
 import os
 import sys
 
@@ -29,7 +30,9 @@ PINNED = "0.14.0"  # the tinygrad whose internals (UOp kernels, TinyJit's captur
 _SAID: set[str] = set()
 
 
+@functools.cache
 def tinygrad_version() -> str:
+    """Asked once per process (reading package metadata costs ~1 ms: not on every call)."""
     from importlib.metadata import version
 
     return version("tinygrad")
