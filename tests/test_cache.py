@@ -26,7 +26,7 @@ from shvit_tiny import run as tiny_run
 from shvit_tiny.fast import cache
 from tests.helpers import random_model_file
 
-pytestmark = pytest.mark.xdist_group("tiny")
+pytestmark = pytest.mark.xdist_group("cache")  # one process: the rebuilds after the first compile reuse its kernels
 
 TINY = SHViTConfig(embed_dim=(16, 24, 32), partial_dim=(4, 8, 8), depth=(1, 1, 1), num_classes=5)
 X = np.random.default_rng(5).standard_normal((1, 3, 40, 36)).astype(np.float32)
@@ -245,7 +245,7 @@ def test_a_change_to_any_source_that_shapes_a_capture_rebuilds_it(weights, refer
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("cache-processes")  # its own processes: it can run beside the tiny group
+@pytest.mark.xdist_group("cache-processes")  # its own processes: it can run beside the cache group
 def test_two_processes_filling_one_key_leave_one_good_file(weights, reference, cache_home, tmp_path):
     np.save(tmp_path / "x.npy", X)
     cmd = [sys.executable, "-m", "shvit_tiny.run", "--weights", str(weights), "--input", str(tmp_path / "x.npy"), "--device", "CPU",

@@ -21,7 +21,7 @@ from tests.repro import command, make_input, make_weights
 from tests.runtimes import HAVE_NUMPY_MODEL, HAVE_TINY, Numpy, Torch, block_paths, runtimes
 from tests.strategies import configs, input_shapes, seeds
 
-pytestmark = pytest.mark.xdist_group("tiny")  # one worker keeps tinygrad's compiled kernels warm
+pytestmark = pytest.mark.xdist_group("equivalence")  # one worker: kernels that recur across examples compile once
 # Each tinygrad example compiles new kernels (seconds): the costliest properties take half the
 # profile's examples (4 of 8 in 'ci', 100 of 200 in 'thorough').
 fewer = settings(max_examples=max(2, settings.default.max_examples // 2))
@@ -36,6 +36,7 @@ def agree(results: dict, ref, repro: str, **tol) -> None:
 
 
 @pytest.mark.slow
+@fewer
 @needs_others
 @given(cfg=configs(), shape=input_shapes(), seed=seeds)
 def test_whole_models_agree_and_keep_samples_apart(cfg, shape, seed, tmp_path_factory):
