@@ -307,6 +307,7 @@ try:
     raise SystemExit("the torch blocker does not work")
 except ImportError:
     attempts.clear()
+import shvit_tiny.fast.runner  # noqa: F401  (the fast path imports without torch too)
 for argv in [a.split("|") for a in sys.argv[1:]]:
     sys.argv = argv[1:]
     try:
@@ -324,12 +325,14 @@ print("torch imports attempted:", attempts, file=sys.stderr)
 @pytest.mark.slow  # compiles the demo model in tinygrad in a new process (the one compile is the test's point)
 def test_tiny_and_numpy_clis_work_without_torch(demo_pth, tmp_path):
     """Issue 13 item 4: the bundled digits and a .pth through shvit_tiny.run (and shvit_numpy.run)
-    in one process where ``import torch`` fails; one tiny config, one input shape (one compile)."""
+    in one process where ``import torch`` fails; one tiny config, one input shape (one compile, of
+    the reference path: half the fast path's compile time; the fast path's modules are imported
+    there too, and its answers are tinygrad's in tests/test_tiny.py)."""
     images = "|".join(str(p) for p in sorted(DEMO_IMAGES.glob("*.png")))
     res, answers = demo_answers()
     out = {k: tmp_path / f"{k}.npy" for k in ("tiny_demo", "tiny_pth", "numpy_pth")}
-    runs = [f"shvit_tiny.run|shvit_tiny.run|--device|CPU|--save-logits|{out['tiny_demo']}",
-            f"shvit_tiny.run|shvit_tiny.run|--device|CPU|--weights|{demo_pth}|--image|{images}|--resolution|{res}|--save-logits|{out['tiny_pth']}",
+    runs = [f"shvit_tiny.run|shvit_tiny.run|--device|CPU|--no-fast|--save-logits|{out['tiny_demo']}",
+            f"shvit_tiny.run|shvit_tiny.run|--device|CPU|--no-fast|--weights|{demo_pth}|--image|{images}|--resolution|{res}|--save-logits|{out['tiny_pth']}",
             f"shvit_numpy.run|shvit_numpy.run|--weights|{demo_pth}|--image|{images}|--resolution|{res}|--save-logits|{out['numpy_pth']}"]
     env = {**os.environ, "SHVIT_CACHE": "0", "PYTHONPATH": str(ROOT)}
     r = subprocess.run([sys.executable, "-c", NO_TORCH, *runs], capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
