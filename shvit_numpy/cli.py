@@ -15,7 +15,7 @@ import numpy as np
 
 from .checks import check_array
 from .config import SHViTConfig, default_resolution
-from .errors import ShvitError, first_line
+from .errors import ShvitError, TrainingError, first_line
 from .labels import class_names
 from .weights import atomic_path
 
@@ -98,6 +98,22 @@ def read_batch(args, loaded: Loaded) -> tuple[np.ndarray, list[str]]:
     if cfg.in_chans != 3:
         raise ShvitError(f"--image gives 3-channel RGB input; this model takes {cfg.in_chans} channels (use --input)")
     return check_array(load_images(images, res), cfg.in_chans), [p.name for p in images]
+
+
+def run_training(prog: str, train, interrupted: str = "interrupted") -> int:
+    """A trainer's exit status: 0 done, 2 a user error (one line), 1 training stopped
+    (``TrainingError``, one line), 130 interrupted (``interrupted`` says what is kept)."""
+    try:
+        train()
+    except (ShvitError, OSError) as e:
+        return fail(prog, e)
+    except TrainingError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"{prog}: {interrupted}", file=sys.stderr)
+        return 130
+    return 0
 
 
 def fail(prog: str, e: Exception) -> int:

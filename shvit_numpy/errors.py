@@ -19,3 +19,7 @@ def first_line(e: BaseException, limit: int = 200, named: bool = False) -> str:
     if not lines:
         return type(e).__name__
     return f"{type(e).__name__}: {lines[0][:limit]}" if named else lines[0][:limit]
+
+
+class TrainingError(Exception):
+    """A training run cannot go on (a non-finite loss or gradient): one line, exit status 1."""

@@ -31,20 +31,16 @@ import numpy as np
 
 from . import digits
 from .backward import loss_and_grads, parameters
-from .cli import Parser, fail
+from .cli import Parser, run_training
 from .config import SHViTConfig
 from .digits import DEMO_CONFIG
-from .errors import ShvitError
+from .errors import TrainingError
 from .model import SHViT
 from .names import state_shapes
 from .optim import AdamW, lr_factor
 from .weights import atomic_path, load_weights, save_weights
 
 PROG = "python -m shvit_numpy.train"
-
-
-class TrainingError(Exception):
-    """The run cannot go on (a non-finite loss or gradient): one line, exit status 1."""
 
 
 ZERO_INIT = (".pw2.bn.weight", ".proj.1.bn.weight")  # BN weights that start at 0: the branch starts as the identity
@@ -267,17 +263,7 @@ def train(args) -> dict:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    try:
-        train(args)
-    except (ShvitError, OSError) as e:
-        return fail(PROG, e)
-    except TrainingError as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted", file=sys.stderr)
-        return 130
-    return 0
+    return run_training(PROG, lambda: train(args))
 
 
 if __name__ == "__main__":

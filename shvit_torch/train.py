@@ -32,10 +32,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.data.distributed import DistributedSampler
 
-from shvit_numpy.cli import Parser
+from shvit_numpy.cli import Parser, run_training
 from shvit_numpy.config import VARIANTS, default_resolution, get_config
 from shvit_numpy.digits import DEMO_CONFIG
-from shvit_numpy.errors import ShvitError
+from shvit_numpy.errors import ShvitError, TrainingError
 from shvit_numpy.optim import lr_factor
 from shvit_numpy.weights import atomic_path
 
@@ -49,10 +49,6 @@ PROG = "python -m shvit_torch.train"
 DIGITS_CONFIG = DEMO_CONFIG.replace(num_classes=10)
 # Test hook: exit like SIGKILL (status 137, no cleanup) after this many optimisation steps in all.
 KILL_ENV = "SHVIT_TEST_KILL_AFTER_STEPS"
-
-
-class TrainingError(Exception):
-    """The run cannot go on (a non-finite loss or gradient): one line, the last good checkpoint kept."""
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -494,20 +490,10 @@ def main(argv=None) -> int:
     elif "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("WORLD_SIZE", "1"))))
     try:
-        train(args)
-    except ShvitError as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return 2
-    except TrainingError as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted; --resume continues from the last complete epoch", file=sys.stderr)
-        return 130
+        return run_training(PROG, lambda: train(args), "interrupted; --resume continues from the last complete epoch")
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
-    return 0
 
 
 if __name__ == "__main__":
