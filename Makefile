@@ -22,8 +22,8 @@ $(STAMP): pyproject.toml requirements-dev.txt
 test: install  ## everything: unit, equivalence (hypothesis 'ci' profile), CLI, docs
 	$(PY) -m pytest -q -n 2 --dist loadgroup tests
 
-test-fast: install
-	$(PY) -m pytest -q -x tests -m "not slow"
+test-fast: install  ## every runtime, no compile-heavy or multi-process test (marked slow), stop at the first failure
+	$(PY) -m pytest -q -x -n 2 --dist loadgroup tests -m "not slow"
 
 test-thorough: install  ## many more hypothesis examples, for humans with time
 	HYPOTHESIS_PROFILE=thorough $(PY) -m pytest -q -n 2 --dist loadgroup tests
