@@ -5,7 +5,8 @@ model.py, tinygrad's own kernels and TinyJit) is ``SHViT.__call__``:
     if fast.applies(self):
         return fast.run(self, x, jit)
 
-What is here, each tested equal to the reference path (tests/test_fast.py):
+What is here (tests/test_tiny.py checks its answers against the reference path and torch,
+tests/test_fast.py its kernels' values and C source):
   kernels.py       matrix products, 3x3 and depthwise convolutions, attention's weighted sum, in
                    tinygrad's UOp language with register tiles for the target CPU (target.py)
   pack.py          their weights, laid out on the host in the order the kernels read them
@@ -45,9 +46,15 @@ def notice(msg: str) -> None:
         print(f"shvit: {msg}", file=sys.stderr)
 
 
+def switched_off(name: str) -> bool:
+    """Whether the environment variable ``name`` (SHVIT_FAST, SHVIT_CACHE) says off: 0, false, no,
+    off or empty; unset means on."""
+    return os.environ.get(name, "1").strip().lower() in ("0", "false", "no", "off", "")
+
+
 def enabled() -> bool:
     """Whether the fast path may run in this process: not turned off, and the pinned tinygrad."""
-    if os.environ.get("SHVIT_FAST", "1").strip().lower() in ("0", "false", "no", "off"):
+    if switched_off("SHVIT_FAST"):
         return False
     if tinygrad_version() != PINNED:
         notice(f"tinygrad {tinygrad_version()} is not the pinned {PINNED}: the fast path is off, "

@@ -38,14 +38,14 @@ import stat
 import tempfile
 from pathlib import Path
 
-from . import notice, tinygrad_version
+from . import notice, switched_off, tinygrad_version
 
 FORMAT = 1  # bump when what an entry holds changes
 MAGIC = b"shvit-tinyjit\n"
 
 
 def enabled() -> bool:
-    return os.environ.get("SHVIT_CACHE", "1").strip().lower() not in ("0", "false", "no", "off", "")
+    return not switched_off("SHVIT_CACHE")
 
 
 def directory() -> Path:
