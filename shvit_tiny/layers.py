@@ -22,8 +22,6 @@ from tinygrad import Tensor
 
 from shvit_numpy.tree import Module, fuse
 
-__all__ = ["Module", "fuse"]  # re-exported: the tree shvit_numpy and shvit_tiny share
-
 _DEVICE = contextvars.ContextVar("shvit_tiny_device", default=None)
 
 
