@@ -17,6 +17,7 @@ from tinygrad.dtype import _from_np_dtype
 
 from shvit_numpy.checks import check_array, check_input
 from shvit_numpy.config import SHViTConfig, se_channels
+from shvit_numpy.errors import ShvitError
 from shvit_numpy.names import state_shapes
 from shvit_numpy.tree import Module, assign, fuse_children, leaves, walk
 from shvit_numpy.weights import load_weights
@@ -53,6 +54,7 @@ class SHViT(Module):
         # how it runs (not weights): set by load()
         self.device, self.dtype, self.use_fast = None, dtypes.float32, True  # use_fast: False keeps to the reference path
         self.weights_id = None  # names these weights in the compiled-model cache (fast/cache.py)
+        self.threads = None  # the CPU fast path's cores (fast/parallel.py); None: tinygrad's NUM_CPU_THREADS
         self._jits: dict[tuple, TinyJit] = {}  # the reference path's captures, one per input
         self.runner = None  # the fast path's captures and kernels' weights (fast/runner.py)
 
@@ -191,14 +193,16 @@ def from_host(host, device: str, half: bool = False) -> SHViT:
 
 
 def load(path, device: str | None = None, half: bool = False, fold: bool = True, cache: bool = True,
-         fast: bool = True) -> SHViT:
+         fast: bool = True, threads: int | None = None) -> SHViT:
     """A weight file (canonical or timm ``.safetensors``, the authors' or timm's ``.pth``) -> model
     on ``device`` (tinygrad's default if None).
 
     The file is read and checked by shvit_numpy (every format it reads, the same errors), folded
     there unless ``fold=False``, and copied to the device in one step (see ``from_host``).
     ``cache``: keep and reuse compiled captures on disk (fast/cache.py; also off with SHVIT_CACHE=0).
-    ``fast``: False runs the reference path only (also SHVIT_FAST=0)."""
+    ``fast``: False runs the reference path only (also SHVIT_FAST=0).
+    ``threads``: the cores the CPU fast path splits its kernels across (default: tinygrad's
+    NUM_CPU_THREADS, the environment variable or else the cores this process may use)."""
     from shvit_numpy.model import from_weights
 
     from .devices import resolve_device
@@ -206,7 +210,9 @@ def load(path, device: str | None = None, half: bool = False, fold: bool = True,
     device = resolve_device(device)
     weights = load_weights(path)
     model = from_host(from_weights(weights, fold=fold), device, half)
-    model.use_fast = fast
+    if threads is not None and threads < 1:
+        raise ShvitError(f"threads must be a count >= 1, got {threads}")
+    model.use_fast, model.threads = fast, threads
     model.weights_id = weights_digest(path, fold, half) if cache else None
     return model
 

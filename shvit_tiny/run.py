@@ -2,10 +2,11 @@
 
 The shared flags of shvit_numpy/cli.py, plus ``--device`` (tinygrad's CPU, CL, METAL, CUDA,
 AMD, ...; any case; default: the best available), ``--half`` (float16 weights and activations;
-softmax and GroupNorm stay float32), ``--bench N`` (after warm-up, time N batches) and
+softmax and GroupNorm stay float32), ``--bench N`` (after warm-up, time N batches),
 ``--beam N`` (tinygrad's kernel search: slower first run, faster kernels, cached on disk),
-``--no-cache`` (compile afresh: the compiled-model cache, shvit_tiny/fast/cache.py, is not used)
-and ``--no-fast`` (the reference path: layers.py with tinygrad's own kernels and TinyJit).
+``--no-cache`` (compile afresh: the compiled-model cache, shvit_tiny/fast/cache.py, is not used),
+``--threads N`` (the CPU cores each kernel is split across; default every core) and
+``--no-fast`` (the reference path: layers.py with tinygrad's own kernels and TinyJit).
 """
 from __future__ import annotations
 
@@ -48,7 +49,9 @@ def load_runtime(path, args) -> cli.Loaded:
 
     if args.bench < 0 or (args.beam or 0) < 0:
         raise ShvitError("--bench and --beam take a count >= 0")
-    model = load(path, device=args.device, half=args.half, cache=not args.no_cache, fast=not args.no_fast)
+    if args.threads is not None and args.threads < 1:
+        raise ShvitError(f"--threads takes a count >= 1, got {args.threads}")
+    model = load(path, device=args.device, half=args.half, cache=not args.no_cache, fast=not args.no_fast, threads=args.threads)
     return cli.Loaded(timed_predict(model, args.bench), model.config, model.labels, model.resolution)
 
 
@@ -61,6 +64,9 @@ def main(argv=None) -> int:
                         help="tinygrad's kernel search (BEAM=N): a slow first run, then faster kernels, cached on disk")
     parser.add_argument("--no-cache", action="store_true",
                         help="compile afresh: neither read nor write the compiled-model cache (~/.cache/shvit; also SHVIT_CACHE=0)")
+    parser.add_argument("--threads", type=int, metavar="N",
+                        help="CPU cores the fast path splits each kernel across (default: NUM_CPU_THREADS, else every core "
+                             "this process may use)")
     parser.add_argument("--no-fast", action="store_true",
                         help="the reference path: tinygrad's own kernels, no CPU fast path, cache or replay (also SHVIT_FAST=0)")
     args = parser.parse_args(argv)

@@ -28,6 +28,7 @@ os.environ["SHVIT_CACHE"] = "0"
 
 if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test` runs two workers on two cores: one thread each
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # also for the CLIs the tests start
+    os.environ.setdefault("NUM_CPU_THREADS", "1")  # tinygrad's CPU kernels unsplit (tests/test_tiny.py splits some)
     import torch
 
     torch.set_num_threads(1)

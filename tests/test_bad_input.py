@@ -171,7 +171,9 @@ FAMILY_FLAGS = {
     "tiny": [(["--device", "METAL"], "device METAL is not available on this machine; available: CPU"),
              (["--device", "quantum"], "unknown device 'quantum'"),
              (["--bench", "-1"], "--bench and --beam take a count >= 0"),
-             (["--beam", "-2"], "--bench and --beam take a count >= 0")],
+             (["--beam", "-2"], "--bench and --beam take a count >= 0"),
+             (["--threads", "0"], "--threads takes a count >= 1, got 0"),
+             (["--threads", "two"], "argument --threads: invalid int value: 'two'")],
 }
 FLAG_CASES = [(f, args, expected) for f in RUN_CLIS for args, expected in COMMON_FLAGS + FAMILY_FLAGS[f]]
 

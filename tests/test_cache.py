@@ -211,13 +211,13 @@ def test_switches_turn_it_off(weights, cache_home, monkeypatch, tmp_path):
 
 
 def test_the_key_names_everything_that_changes_the_kernels(weights):
-    base = dict(weights_id="w", shape=(1, 3, 40, 36), dtype="float", device="CPU")
+    base = dict(weights_id="w", shape=(1, 3, 40, 36), dtype="float", device="CPU", cores=2)
     key = cache.key_of(cache.key_parts(**base))
-    for change in (dict(weights_id="v"), dict(shape=(2, 3, 40, 36)), dict(dtype="half"), dict(device="CL")):
+    for change in (dict(weights_id="v"), dict(shape=(2, 3, 40, 36)), dict(dtype="half"), dict(device="CL"), dict(cores=1)):
         assert cache.key_of(cache.key_parts(**(base | change))) != key, change
     from tinygrad import Context
 
-    for setting in (dict(BEAM=2), dict(NUM_CPU_THREADS=1), dict(NOOPT=1)):
+    for setting in (dict(BEAM=2), dict(NOOPT=1)):
         with Context(**setting):
             assert cache.key_of(cache.key_parts(**base)) != key, setting
     a = shvit_tiny.model.weights_digest(weights, fold=True, half=False)

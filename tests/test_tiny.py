@@ -24,7 +24,7 @@ pytestmark = pytest.mark.xdist_group("tiny")
 # Every block type, channel counts that are not multiples of the CPU kernels' 16-wide tile
 # (qkv gives 2*16 + pdim = 36, 40, 44 channels), and a distillation head.
 SMALL = SHViTConfig(embed_dim=(16, 24, 40), partial_dim=(4, 8, 12), depth=(1, 2, 1), num_classes=7, distillation=True)
-X = np.random.default_rng(0).standard_normal((2, 3, 45, 38)).astype(np.float32)  # odd, non-square
+X = np.random.default_rng(0).standard_normal((4, 3, 45, 38)).astype(np.float32)  # odd, non-square; 2 cores split 4 images
 
 # --half against float32 torch: tests.helpers.TOL["float16"] (1e-2). float16 keeps 11 significant
 # bits (relative step 1e-3) and the error grows over the ~25 layers; measured max |error| /
@@ -40,7 +40,7 @@ def small(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tiny_cpu(small):
-    return shvit_tiny.load(small[1], device="CPU")
+    return shvit_tiny.load(small[1], device="CPU", threads=1)  # one core: the split kernels' reference
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +107,7 @@ def test_cpu_replay_is_the_jits_own_answer(tiny_cpu, monkeypatch):
 
     tiny_cpu(X)
     replay = tiny_cpu.runner.replays[X.shape]
-    assert isinstance(replay, CpuReplay) and len(replay.calls) > 20
+    assert isinstance(replay, CpuReplay) and len(replay.kernels) > 20
     jit = tiny_cpu.runner.jits[(X.shape, tiny_cpu.dtype, "CPU")]
     for seed in (1, 2):
         x = np.random.default_rng(seed).standard_normal(X.shape).astype(np.float32)
@@ -116,6 +116,36 @@ def test_cpu_replay_is_the_jits_own_answer(tiny_cpu, monkeypatch):
         assert not np.array_equal(y, tiny_cpu(X))
     monkeypatch.setenv("SHVIT_REPLAY", "0")
     assert cpu_replay(jit, "CPU", X.shape, tiny_cpu.dtype) is None
+
+
+def test_kernels_split_across_cores_answer_bit_for_bit_as_one_core(small, tiny_cpu, monkeypatch):
+    """fast/parallel.py: kernels compiled split across 2 cores (tinygrad's THREAD opt, asked by
+    kernels.py for the fast path's own kernels: here for every one whose images divide, however
+    small), their slices run at once by pool.c's threads, answer bit for bit what one core does;
+    so do the same slices called from Python one by one (no C compiler), and four Python threads
+    replaying one model at once."""
+    import concurrent.futures
+
+    from shvit_tiny.fast import kernels, parallel
+    from shvit_tiny.fast.replay import cpu_replay
+
+    want = [tiny_cpu(X) for _ in range(2)][-1]  # one core (the fixture's threads=1), the second call: the replay
+    assert {k[1] for k in tiny_cpu.runner.replays[X.shape].kernels} == {1}  # nothing split
+    monkeypatch.setattr(kernels, "worth_splitting", lambda macs: True)
+    m = shvit_tiny.load(small[1], device="CPU", threads=2)
+    assert [m(X) for _ in range(2)] and m.runner.cores == 2
+    replay = m.runner.replays[X.shape]
+    split = {name.split("_")[0] for name, k in zip(jit_names(m, X), replay.kernels) if k[1] == 2}
+    assert {"conv3s2", "dw3s1", "gemm", "attend"} <= split, split
+    assert replay.array is not None and parallel.pool(2).threads == 2
+    np.testing.assert_array_equal(m(X), want, err_msg="2 threads")
+    with concurrent.futures.ThreadPoolExecutor(4) as ex:  # one pool, four callers: one replay at a time
+        for i, y in enumerate(ex.map(lambda _: m(X), range(8))):
+            np.testing.assert_array_equal(y, want, err_msg=f"concurrent call {i}")
+    monkeypatch.setattr(parallel, "library", lambda: None)
+    slow = cpu_replay(m.runner.jits[(X.shape, m.dtype, "CPU")], "CPU", X.shape, m.dtype, 2)
+    assert slow.array is None and len(slow.calls) > len(slow.kernels)  # each slice its own ctypes call
+    np.testing.assert_array_equal(slow(X), want, err_msg="slices called from Python")
 
 
 def test_fast_weights_are_packed_for_their_kernels(tiny_cpu):
@@ -156,7 +186,7 @@ def test_odd_batch_and_shape(small, tiny_cpu):
 
 def test_tensor_in_tensor_out(tiny_cpu, ref):
     y = tiny_cpu(Tensor(X, device="CPU"))
-    assert isinstance(y, Tensor) and y.shape == (2, 7)
+    assert isinstance(y, Tensor) and y.shape == (len(X), 7)
     assert_close("tensor path", y.numpy(), ref)
 
 
@@ -165,7 +195,7 @@ def test_forward_intermediates_match_torch(small, tiny_cpu):
     with torch.no_grad():
         want = [t.numpy() for t in small[0].forward_intermediates(torch.from_numpy(X))]
     got = [t.numpy() for t in tiny_cpu.forward_intermediates(Tensor(X, device="CPU"))]
-    assert [g.shape for g in got] == [w.shape for w in want] == [(2, 16, 3, 3), (2, 24, 2, 2), (2, 40, 1, 1)]
+    assert [g.shape for g in got] == [w.shape for w in want] == [(len(X), 16, 3, 3), (len(X), 24, 2, 2), (len(X), 40, 1, 1)]
     for i, (g, w) in enumerate(zip(got, want)):
         assert_close(f"stage {i + 1} output", g, w)
 
@@ -203,9 +233,15 @@ def test_cli_runs_and_saves_logits(small, ref, tmp_path, capsys):
     real command)."""
     np.save(tmp_path / "x.npy", X)
     code = run.main(["--weights", str(small[1]), "--input", str(tmp_path / "x.npy"), "--device", "cpu",
-                     "--save-logits", str(tmp_path / "y.npy"), "--bench", "2", "--topk", "2"])
+                     "--save-logits", str(tmp_path / "y.npy"), "--bench", "2", "--topk", "2", "--threads", "1"])
     out, err = capsys.readouterr()
     assert code == 0, err
     assert_close("cli logits", np.load(tmp_path / "y.npy"), ref)
-    assert "images/s" in err and "first call" in err and "CPU float32 batch 2" in err
-    assert len(out.strip().splitlines()) == 2  # one line per image
+    assert "images/s" in err and "first call" in err and f"CPU float32 batch {len(X)}" in err
+    assert len(out.strip().splitlines()) == len(X)  # one line per image
+
+
+def jit_names(m, x) -> list[str]:
+    """The names of the kernels ``m``'s capture for ``x`` runs, in order (conv3s2_..., gemm_..., ...)."""
+    jit = m.runner.jits[(x.shape, m.dtype, "CPU")]
+    return [c.src[0].arg.name for c in jit.captured.linear.src]

@@ -6,13 +6,15 @@ model.py, tinygrad's own kernels and TinyJit) is ``SHViT.__call__``:
         return fast.run(self, x, jit)
 
 What is here (tests/test_tiny.py checks its answers against the reference path and torch,
-tests/test_fast.py its kernels' values and C source):
+tests/test_fast.py its kernels' values and C source; test_tiny.py also that kernels split across
+cores answer bit for bit as one core):
   kernels.py       matrix products, 3x3 and depthwise convolutions, attention's weighted sum, in
                    tinygrad's UOp language with register tiles for the target CPU (target.py)
   pack.py          their weights, laid out on the host in the order the kernels read them
   lower.py         the model's layer tree run through those kernels, ReLU and residuals fused
   wide_vectors.py  8- and 16-float loads and stores for those kernels, only while compiling
   replay.py        a TinyJit capture replayed as a flat list of C calls (CPU device)
+  parallel.py      those calls on every core: pool.c's threads run each kernel's core slices at once
   cache.py         captures saved on disk, so a new process answers without compiling
   runner.py        the above per model: capture, cache, replay
 

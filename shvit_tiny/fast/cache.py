@@ -99,7 +99,7 @@ def processor() -> str:
     return hashlib.sha256(info.encode()).hexdigest()[:16]
 
 
-def key_parts(weights_id: str, shape: tuple, dtype: str, device: str) -> dict:
+def key_parts(weights_id: str, shape: tuple, dtype: str, device: str, cores: int) -> dict:
     from tinygrad.helpers import DEV
 
     parts = {
@@ -107,7 +107,7 @@ def key_parts(weights_id: str, shape: tuple, dtype: str, device: str) -> dict:
         "target": repr(DEV.target(device.split(":")[0])),  # this device's renderer/arch (DEV=CPU:LLVM, ...)
         "tinygrad": tinygrad_version(),
         "python": platform.python_version(), "sources": source_digest(SOURCES),
-        "settings": codegen_settings(),
+        "settings": codegen_settings() | {"NUM_CPU_THREADS": repr(cores)},  # the kernels' split across cores
     }
     if device.split(":")[0] == "CPU":
         parts["processor"] = processor()

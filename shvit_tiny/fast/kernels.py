@@ -22,7 +22,7 @@ from tinygrad import UOp
 from tinygrad.codegen.opt import Opt, OptOps
 from tinygrad.uop.ops import AxisType, KernelInfo
 
-from .target import target_has_avx512, wide_vectors_asked
+from .target import target_has_avx512, threads, wide_vectors_asked
 
 # ---- register tiles -----------------------------------------------------------------------------
 
@@ -63,6 +63,26 @@ def product_tile(m: int, n: int) -> tuple[int, tuple]:
     return rows, channel_tile(n) if rows <= 2 else (tile(n, (8, 4, 2, 1)),)
 
 
+def split(sizes: tuple[int, ...], *range_tile) -> tuple:
+    """The THREAD opt that splits the kernel across the cores it is compiled for (``threads``):
+    the first of the (range number, register tile) pairs whose range holds a multiple of
+    ``threads`` tiles is cut into ``threads`` equal slices, each core computing one (parallel.py
+    runs them at once). It comes first among the opts, so the ranges keep their numbers. None
+    where no range divides evenly, or the kernel is too small to be worth a second core
+    (~32K multiply-adds a core: cores wait for each other after every kernel)."""
+    n = threads()
+    if n <= 1:
+        return ()
+    for r, t in range_tile:  # each slice keeps > 1 of the range: tinygrad would drop a range of 1 and renumber
+        if sizes[r] > n and (sizes[r] // t) % n == 0:
+            return (Opt(OptOps.THREAD, sum(s > 1 for s in sizes[:r]), n),)
+    return ()
+
+
+def worth_splitting(macs: int) -> bool:
+    return macs >= threads() * (32 << 10)
+
+
 def channel_upcasts(sizes: tuple[int, ...], r: int, amounts: tuple) -> tuple:
     """The UPCAST opts of ``channel_tile`` for range ``r`` (the second splits what the first left)."""
     return tuple(o for amount in amounts for o in upcasts(sizes, (r, amount)))
@@ -97,7 +117,8 @@ def gemm_kernel(C: UOp, A: UOp, B: UOp, bias: UOp, *res: UOp, relu: bool = False
     C = C[i, j].set(kernel_epilogue(C[i, j] + upto_n(bias[j]), relu, upto_n(res[0][i, j]) if res else None))
     rows, channels = product_tile(M, N)
     sizes = (M, N // P, P)
-    opts = channel_upcasts(sizes, 2, channels) + upcasts(sizes, (0, rows))  # channel tiles divide P (both from N's factors of 2)
+    cores = split(sizes, (0, rows), (1, 1)) if worth_splitting(M * N * K) else ()  # rows, else column blocks
+    opts = cores + channel_upcasts(sizes, 2, channels) + upcasts(sizes, (0, rows))  # channel tiles divide P (both from N's factors of 2)
     return C.end(i, jo, ji).sink(arg=KernelInfo(name=f"gemm_{M}_{N}_{K}", opts_to_apply=opts))
 
 
@@ -113,7 +134,8 @@ def attend_kernel(O: UOp, A: UOp, QKV: UOp, offset: int) -> UOp:
     O = O[b, i, c].set(O.after(j)[b, i, c] + A[b, i, j] * QKV[b, j, offset + c], end=j)
     rows, channels = product_tile(N, P)
     sizes = (Bt, N, P)
-    opts = channel_upcasts(sizes, 2, channels) + upcasts(sizes, (1, rows))
+    cores = split(sizes, (0, 1), (1, rows)) if worth_splitting(Bt * N * N * P) else ()  # images, else queries
+    opts = cores + channel_upcasts(sizes, 2, channels) + upcasts(sizes, (1, rows))
     return O.end(b, i, c).sink(arg=KernelInfo(name=f"attend_{N}_{P}", opts_to_apply=opts))
 
 
@@ -138,7 +160,9 @@ def conv_kernel(O: UOp, X: UOp, Wm: UOp, bias: UOp, k: int, stride: int, padding
     O = O[b, y, x, n].set(kernel_epilogue(O[b, y, x, n] + bias[n], relu, None))
     tx = tile(Wo)
     sizes = (B, Ho, Wo, N)
-    opts = channel_upcasts(sizes, 3, channel_tile(N)) + upcasts(sizes, (2, tx), (1, tile(Ho, (4 // tx, 1))))  # 4 pixels: 4 x 1 or 2 x 2
+    ty = tile(Ho, (4 // tx, 1))  # 4 pixels: 4 x 1 or 2 x 2
+    cores = split(sizes, (0, 1), (1, ty)) if worth_splitting(B * Ho * Wo * N * k * k * C) else ()  # images, else rows
+    opts = cores + channel_upcasts(sizes, 3, channel_tile(N)) + upcasts(sizes, (2, tx), (1, ty))
     return O.end(b, y, x, n).sink(arg=KernelInfo(name=f"conv{k}s{stride}_{Ho}_{Wo}_{N}_{C}", opts_to_apply=opts))
 
 
@@ -152,6 +176,8 @@ def depthwise_kernel(O: UOp, X: UOp, Wt: UOp, bias: UOp, k: int, stride: int, pa
     for ky in range(k):
         for kx in range(k):
             acc = acc + padded_load(X, b, stride * y + (ky - padding), stride * x + (kx - padding), c) * Wt[ky * k + kx, c]
-    opts = upcasts((B, Ho, Wo, C), (3, tile(C, (16, 8, 4, 2, 1))))
+    sizes = (B, Ho, Wo, C)
+    cores = split(sizes, (0, 1), (1, 1)) if worth_splitting(B * Ho * Wo * C * k * k) else ()  # images, else rows
+    opts = cores + upcasts(sizes, (3, tile(C, (16, 8, 4, 2, 1))))
     out = O[b, y, x, c].store(kernel_epilogue(acc, relu, None))
     return out.end(b, y, x, c).sink(arg=KernelInfo(name=f"dw{k}s{stride}_{Ho}_{Wo}_{C}", opts_to_apply=opts))

@@ -24,7 +24,7 @@ import os
 
 import numpy as np
 
-from . import PINNED, tinygrad_version
+from . import PINNED, parallel, tinygrad_version
 
 
 def enabled() -> bool:
@@ -32,32 +32,54 @@ def enabled() -> bool:
 
 
 class CpuReplay:
-    """``replay(x)``: numpy batch of the captured shape in, numpy output out, one C call per kernel."""
+    """``replay(x)``: numpy batch of the captured shape in, numpy output out, the kernels called
+    from C (parallel.py's pool: their core slices on ``threads`` threads) or, without a C
+    compiler, from Python one after another."""
 
-    def __init__(self, calls: list, held: list, in_addr: int, in_shape: tuple, in_dtype: np.dtype,
-                 out_addr: int, out_shape: tuple, out_dtype: np.dtype):
-        self.calls, self.held = calls, held  # held: the Buffers whose addresses the calls use (kept alive)
-        self.in_addr, self.in_shape, self.in_dtype = in_addr, in_shape, in_dtype
+    def __init__(self, kernels: list, held: list, in_addr: int, in_shape: tuple, in_dtype: np.dtype,
+                 out_addr: int, out_shape: tuple, out_dtype: np.dtype, threads: int = 1):
+        self.kernels, self.held = kernels, held  # kernels: (address, slices, core argument or -1, arguments)
+        self.in_addr, self.in_shape, self.in_dtype = in_addr, in_shape, in_dtype  # held: the Buffers those use
         self.out_addr, self.out_shape, self.out_dtype = out_addr, out_shape, out_dtype
+        self.threads = threads
+        self.array = parallel.calls_array(kernels) if parallel.library() is not None else None
+        self.calls = None if self.array is not None else python_calls(kernels)
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         x = np.ascontiguousarray(x, dtype=self.in_dtype)
         assert x.shape == self.in_shape, (x.shape, self.in_shape)  # the caller picks the replay by shape
         ctypes.memmove(self.in_addr, x.ctypes.data, x.nbytes)
-        for fxn, args in self.calls:
-            fxn(*args)
+        if self.array is not None:
+            parallel.pool(self.threads).run(self.array, len(self.kernels))
+        else:
+            for fxn, args in self.calls:
+                fxn(*args)
         out = np.empty(self.out_shape, self.out_dtype)
         ctypes.memmove(out.ctypes.data, self.out_addr, out.nbytes)
         return out
 
 
-def cpu_replay(jit, device: str, shape: tuple, dtype) -> CpuReplay | None:
+def python_calls(kernels: list) -> list:
+    """The kernels as ctypes calls, each core slice after the other (as CPUProgram.__call__ runs them)."""
+    calls = []
+    for addr, slices, core_arg, args in kernels:
+        fxn = ctypes.CFUNCTYPE(None)(addr)
+        for core in range(slices):
+            a = list(args)
+            if core_arg >= 0:
+                a[core_arg] = core
+            calls.append((fxn, tuple(ctypes.c_uint64(v) for v in a)))
+    return calls
+
+
+def cpu_replay(jit, device: str, shape: tuple, dtype, threads: int = 1) -> CpuReplay | None:
     """The flat replay of ``jit`` (a TinyJit that has captured its call on a ``shape`` batch of
-    tinygrad ``dtype`` on ``device``), or None where its capture is not one this module handles."""
+    tinygrad ``dtype`` on ``device``) on ``threads`` threads, or None where its capture is not
+    one this module handles."""
     if not enabled() or tinygrad_version() != PINNED or getattr(jit, "captured", None) is None:
         return None
     try:
-        return _build(jit.captured, device, shape, dtype)
+        return _build(jit.captured, device, shape, dtype, threads)
     except _Unsupported:
         return None
 
@@ -66,7 +88,7 @@ class _Unsupported(Exception):
     pass
 
 
-def _build(captured, device: str, shape: tuple, dtype) -> CpuReplay:
+def _build(captured, device: str, shape: tuple, dtype, threads: int) -> CpuReplay:
     from tinygrad import Device, Tensor
     from tinygrad.engine.realize import get_runtime, resolve_params, unwrap_multi
     from tinygrad.helpers import to_tuple
@@ -77,7 +99,7 @@ def _build(captured, device: str, shape: tuple, dtype) -> CpuReplay:
         raise _Unsupported
     inp = Tensor.empty(*shape, dtype=dtype, device=device).realize()  # this replay's own input buffer
     in_buf = inp.uop.base.buffer.ensure_allocated()
-    calls, held = [], [in_buf]
+    kernels, held = [], [in_buf]
     for call in captured.linear.src:
         ast = call.src[0]
         if call.op is not Ops.CALL or ast.op is not Ops.PROGRAM:
@@ -92,16 +114,14 @@ def _build(captured, device: str, shape: tuple, dtype) -> CpuReplay:
         if not isinstance(prg, CPUProgram) or prg.lvp:
             raise _Unsupported
         global_size, _ = ast.arg.launch_dims({})
-        args = [b.get_buf(dev).va_addr for b in bufs] + list(ast.arg.vals({}))
-        for tid in range(global_size[0]):  # as CPUProgram.__call__ runs a kernel: once per core id
-            if "core_id" in prg.runtimevars:
-                args[prg.runtimevars["core_id"]] = tid
-            calls.append((prg.fxn, tuple(ctypes.c_uint64(a) for a in args)))
-        held += bufs
+        core_arg = prg.runtimevars.get("core_id", -1)  # split across cores: one call per core id
+        args = [b.get_buf(dev).va_addr for b in bufs] + [v or 0 for v in ast.arg.vals({})]  # core_id's: set per call
+        kernels.append((prg.addr, global_size[0] if core_arg >= 0 else 1, core_arg, tuple(args)))
+        held += bufs + [prg]  # the buffers and the program's code, kept alive
     out = captured.ret
     out_buf = out.uop.base.buffer
     if out_buf.nbytes != out.numel() * out.dtype.itemsize:
         raise _Unsupported  # a view into a larger buffer
     np_dtype = np.dtype(dtype.fmt)
-    return CpuReplay(calls, held + [out_buf], in_buf._buf.va_addr, tuple(shape), np_dtype,
-                     out_buf.ensure_allocated()._buf.va_addr, tuple(out.shape), np.dtype(out.dtype.fmt))
+    return CpuReplay(kernels, held + [out_buf], in_buf._buf.va_addr, tuple(shape), np_dtype,
+                     out_buf.ensure_allocated()._buf.va_addr, tuple(out.shape), np.dtype(out.dtype.fmt), threads)

@@ -14,7 +14,7 @@ from . import cache
 from .lower import Lowered
 from .pack import kernel_weights
 from .replay import cpu_replay
-from .target import compile_context
+from .target import compile_context, threads
 
 
 def kernels_apply(model) -> bool:
@@ -27,6 +27,7 @@ class Runner:
 
     def __init__(self, model):
         self.model = model
+        self.cores = model.threads or threads()  # kernels split into this many slices, run on as many threads
         self.lowered = Lowered(model, kernel_weights(model)) if kernels_apply(model) else None
         self.jits: dict[tuple, TinyJit] = {}
         self.replays: dict[tuple, object] = {}  # numpy input shape -> CpuReplay, or None: TinyJit's replay
@@ -44,11 +45,12 @@ class Runner:
             return replay(x)  # the capture as flat C calls (CPU device, from the second call of a shape on)
         t = Tensor(np.ascontiguousarray(x), device=m.device).realize()
         if not jit:
-            with compile_context(m.device):  # compiled as the JIT compiles them
+            with compile_context(m.device, self.cores):  # compiled as the JIT compiles them
                 return self.forward(t).numpy()
         y = self.jitted(t).numpy()
         if x.shape not in self.replays:
-            self.replays[x.shape] = cpu_replay(self.jits[(t.shape, t.dtype, t.device)], m.device, x.shape, t.dtype)
+            self.replays[x.shape] = cpu_replay(self.jits[(t.shape, t.dtype, t.device)], m.device, x.shape, t.dtype,
+                                               self.cores)
         return y
 
     def jitted(self, t: Tensor) -> Tensor:
@@ -65,7 +67,7 @@ class Runner:
             else:
                 parts = None  # loaded: nothing to save
             self.jits[key] = jit
-        with compile_context(self.model.device):
+        with compile_context(self.model.device, self.cores):
             y = jit(t)
         if parts is not None:
             y = Tensor(y.numpy(), device=self.model.device)  # saving frees the capture's own buffers, its output's too
@@ -78,4 +80,4 @@ class Runner:
         m = self.model
         if m.weights_id is None or not cache.enabled():
             return None
-        return cache.key_parts(m.weights_id, t.shape, t.dtype.name, m.device)
+        return cache.key_parts(m.weights_id, t.shape, t.dtype.name, m.device, self.cores)

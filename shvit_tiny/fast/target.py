@@ -63,6 +63,14 @@ def wide_vectors_asked() -> bool:
     return "prefer-vector-width=512" in (DEV.target("CPU").arch or "")
 
 
+def threads() -> int:
+    """The cores the CPU device's kernels are split across (tinygrad's ``NUM_CPU_THREADS``: set by
+    ``compile_context`` to the model's thread count while the fast path compiles)."""
+    from tinygrad.helpers import NUM_CPU_THREADS
+
+    return max(1, int(NUM_CPU_THREADS.value))
+
+
 def compile_workers() -> int | None:
     """tinygrad lowers kernels in a pool of PARALLEL worker processes (by default its thread count,
     divided among pytest-xdist workers). With one core to run on (taskset, a 1-CPU container, or
@@ -78,9 +86,10 @@ def compile_workers() -> int | None:
 
 
 @contextlib.contextmanager
-def compile_context(device: str):
+def compile_context(device: str, cores: int | None = None):
     """The context the fast path's captures are compiled in: no one-worker compile pool (see
-    ``compile_workers``); and on the CPU device, 512-bit vectors where the CPU has them. tinygrad's
+    ``compile_workers``); kernels split across ``cores`` cores (tinygrad's ``NUM_CPU_THREADS``;
+    None: as it is); and on the CPU device, 512-bit vectors where the CPU has them. tinygrad's
     CPU device runs clang with ``-march=native``, yet on AVX-512 CPUs clang still prefers 256-bit
     vectors; there this asks it for 512-bit ones (tinygrad's own
     ``DEV=CPU:CLANG:x86_64,native,prefer-vector-width=512``), and wide_vectors.py, active only
@@ -91,7 +100,7 @@ def compile_context(device: str):
     from tinygrad import Context
     from tinygrad.helpers import DEV, Target
 
-    settings = {}
+    settings = {} if cores is None else {"NUM_CPU_THREADS": cores}
     if (workers := compile_workers()) is not None:
         settings["PARALLEL"] = workers
     cpu = [t for t in DEV.value if t.device in ("", "CPU")]
