@@ -50,12 +50,15 @@ def product_tile(m: int, n: int) -> tuple[int, tuple]:
     """A product's register tile, (rows, channel upcasts), for the CPU clang compiles for.
 
     AVX-512 (32 registers): up to 8 rows x 32 channels, the largest row count up to 8 that divides
-    m, so the 7x7 maps of stage 2 (m = 49 at batch 1) get 7 rows, not 1. AVX2 (16 registers of 8
+    m, so the 7x7 maps of stage 2 (m = 49 at batch 1) get 7 rows, not 1; the 16 rows of stage 3
+    at batch 1 get 16 rows x 16 channels. AVX2 (16 registers of 8
     floats): 4 rows x 16 channels (8 accumulators) where 4 divides m; else up to 7 rows x 8
     channels (7 accumulators: 7 x 16 would spill). Measured on one core (AMD EPYC, 224x448 by 49
     rows): AVX-512 1 row 55 GFLOPS, 7 rows 228; AVX2 1 x 16 34, 7 x 16 65, 7 x 8 90.
     """
     if target_has_avx512():
+        if m == 16 and n % 16 == 0:  # one pass over the weights (from memory at batch 1): S1 batch 1 +5%
+            return 16, (16,)
         return tile(m, (8, 7, 6, 5, 4, 3, 2, 1)), channel_tile(n)
     if m % 4 == 0:
         return 4, channel_tile(n)
@@ -96,6 +99,15 @@ def kernel_epilogue(y: UOp, relu: bool, residual: UOp | None) -> UOp:
     return y if residual is None else y + residual
 
 
+def columns_outer(M: int, N: int, K: int) -> bool:
+    """Whether a product loops over column blocks outside its rows: where its weights (K x N) pass
+    1 MiB, more than the level-2 cache keeps beside the rows, and the rows (M x K) are the smaller:
+    then each block of weights is read from memory once and the rows from the cache, not the
+    whole weight once per row tile. S2's stage-3 products at batch 16 (256 x 448 x 896): 122 GFLOPS
+    against 108 (one core of a Xeon); products with smaller weights were 5-10% slower that way."""
+    return K * N * 4 > 2**20 and M < N
+
+
 def gemm_kernel(C: UOp, A: UOp, B: UOp, bias: UOp, *res: UOp, relu: bool = False) -> UOp:
     """C = A @ W + bias, (M, K) @ (K, N) + (N,), then ReLU and + res[0] (M, N) if asked; W packed
     (pack.py): B[jo, k, ji] = W[k, jo*P + ji]; C has the padded width Np (bias and residual
@@ -104,7 +116,9 @@ def gemm_kernel(C: UOp, A: UOp, B: UOp, bias: UOp, *res: UOp, relu: bool = False
     caches): read as one stream per tile, the products of stage 3 (16 rows) took 48 us, not 90."""
     M, N = C.shape
     P, K = B.shape[2], A.shape[1]
-    i, jo, ji = UOp.range(M, 0), UOp.range(N // P, 1), UOp.range(P, 2)
+    outer = columns_outer(M, N, K)
+    ri, rjo = (1, 0) if outer else (0, 1)  # the loops' order: rows then column blocks, or the reverse
+    i, jo, ji = UOp.range(M, ri), UOp.range(N // P, rjo), UOp.range(P, 2)
     k = UOp.range(K, 3, axis_type=AxisType.REDUCE)
     j = jo * P + ji
     n = bias.shape[0]  # the real width; C's columns past it are padding
@@ -116,10 +130,10 @@ def gemm_kernel(C: UOp, A: UOp, B: UOp, bias: UOp, *res: UOp, relu: bool = False
     C = C[i, j].set(C.after(k)[i, j] + A[i, k] * B[jo, k, ji], end=k)  # the sum over K, in registers
     C = C[i, j].set(kernel_epilogue(C[i, j] + upto_n(bias[j]), relu, upto_n(res[0][i, j]) if res else None))
     rows, channels = product_tile(M, N)
-    sizes = (M, N // P, P)
-    cores = split(sizes, (0, rows), (1, 1)) if worth_splitting(M * N * K) else ()  # rows, else column blocks
-    opts = cores + channel_upcasts(sizes, 2, channels) + upcasts(sizes, (0, rows))  # channel tiles divide P (both from N's factors of 2)
-    return C.end(i, jo, ji).sink(arg=KernelInfo(name=f"gemm_{M}_{N}_{K}", opts_to_apply=opts))
+    sizes = (N // P, M, P) if outer else (M, N // P, P)
+    cores = split(sizes, (ri, rows), (rjo, 1)) if worth_splitting(M * N * K) else ()  # rows, else column blocks
+    opts = cores + channel_upcasts(sizes, 2, channels) + upcasts(sizes, (ri, rows))  # channel tiles divide P (both from N's factors of 2)
+    return C.end(*((jo, i) if outer else (i, jo)), ji).sink(arg=KernelInfo(name=f"gemm_{M}_{N}_{K}", opts_to_apply=opts))
 
 
 def attend_kernel(O: UOp, A: UOp, QKV: UOp, offset: int) -> UOp:
@@ -139,28 +153,41 @@ def attend_kernel(O: UOp, A: UOp, QKV: UOp, offset: int) -> UOp:
     return O.end(b, i, c).sink(arg=KernelInfo(name=f"attend_{N}_{P}", opts_to_apply=opts))
 
 
-def padded_load(X: UOp, b: UOp, iy: UOp, ix: UOp, c: UOp) -> UOp:
-    """X[b, iy, ix, c] of a map zero-padded on the fly: outside it the load is skipped and 0 is
-    read (a gated load), so no padded copy of the map is ever written."""
-    H, W = X.shape[1], X.shape[2]
-    return ((iy >= 0) & (iy < H) & (ix >= 0) & (ix < W)).where(X[b, iy, ix, c], 0.0)
+def padded_load(X: UOp, b: UOp, iy: UOp, ix: UOp, c: UOp, channels_first: bool = False) -> UOp:
+    """X[b, iy, ix, c] (channels_first: X[b, c, iy, ix]) of a map zero-padded on the fly: outside
+    it the load is skipped and 0 is read (a gated load), so no padded copy of the map is ever written."""
+    H, W = X.shape[2:] if channels_first else X.shape[1:3]
+    inside = (iy >= 0) & (iy < H) & (ix >= 0) & (ix < W)
+    return inside.where(X[b, c, iy, ix] if channels_first else X[b, iy, ix, c], 0.0)
 
 
-def conv_kernel(O: UOp, X: UOp, Wm: UOp, bias: UOp, k: int, stride: int, padding: int, relu: bool = False) -> UOp:
+def pixel_tile(Ho: int, Wo: int, N: int) -> tuple[int, int]:
+    """A dense convolution's register tile in output pixels, (rows, columns): 4 x 2 where they
+    divide the map, else 1 x 4 or 2 x 2. Measured on the stem (one core of a Xeon, batch 16):
+    4 x 2 took 4.9, 6.9 and 5.3 ms for the first three convolutions, 1 x 4 5.4, 7.3 and 6.1."""
+    if Ho % 4 == 0 and Wo % 2 == 0:
+        return 4, 2
+    tx = tile(Wo)
+    return tile(Ho, (4 // tx, 1)), tx
+
+
+def conv_kernel(O: UOp, X: UOp, Wm: UOp, bias: UOp, k: int, stride: int, padding: int, relu: bool = False,
+                channels_first: bool = False) -> UOp:
     """A dense k x k convolution read straight from the map (no im2col copy):
     O[b, y, x, n] = bias[n] + sum over (ky, kx, c) of X[b, s*y + ky - p, s*x + kx - p, c] * Wm[(ky*k + kx)*C + c, n],
-    with O (B, H', W', N), X (B, H, W, C), Wm (k*k*C, N); tiled 4 output pixels x 16 (or 32) channels."""
+    with O (B, H', W', N), X (B, H, W, C), Wm (k*k*C, N); tiled 8 or 4 output pixels (pixel_tile) x 16 (or 32) channels.
+    ``channels_first``: X is (B, C, H, W), as the model's input comes (no transposed copy: S1 at
+    batch 16, 2 ms)."""
     B, Ho, Wo, N = O.shape
-    C = X.shape[3]
+    C = X.shape[1] if channels_first else X.shape[3]
     b, y, x, n = (UOp.range(size, axis) for axis, size in enumerate((B, Ho, Wo, N)))
     ky, kx, c = (UOp.range(size, axis, axis_type=AxisType.REDUCE) for axis, size in ((4, k), (5, k), (6, C)))
-    tap = padded_load(X, b, stride * y + ky - padding, stride * x + kx - padding, c)
+    tap = padded_load(X, b, stride * y + ky - padding, stride * x + kx - padding, c, channels_first)
     O = O[b, y, x, n].set(0.0)
     O = O[b, y, x, n].set(O.after(ky, kx, c)[b, y, x, n] + tap * Wm[(ky * k + kx) * C + c, n], end=(ky, kx, c))
     O = O[b, y, x, n].set(kernel_epilogue(O[b, y, x, n] + bias[n], relu, None))
-    tx = tile(Wo)
+    ty, tx = pixel_tile(Ho, Wo, N)
     sizes = (B, Ho, Wo, N)
-    ty = tile(Ho, (4 // tx, 1))  # 4 pixels: 4 x 1 or 2 x 2
     cores = split(sizes, (0, 1), (1, ty)) if worth_splitting(B * Ho * Wo * N * k * k * C) else ()  # images, else rows
     opts = cores + channel_upcasts(sizes, 3, channel_tile(N)) + upcasts(sizes, (2, tx), (1, ty))
     return O.end(b, y, x, n).sink(arg=KernelInfo(name=f"conv{k}s{stride}_{Ho}_{Wo}_{N}_{C}", opts_to_apply=opts))

@@ -38,12 +38,13 @@ def product(x: Tensor, w: Tensor, bias: Tensor, n: int, relu: bool = False, resi
 
 
 def window_kernel(kernel, x: Tensor, w: Tensor, bias: Tensor, cout: int, k: int, stride: int, padding: int,
-                  relu: bool) -> Tensor:
-    """A k x k convolution kernel (dense or depthwise) over (B, H, W, C) -> (B, H', W', cout)."""
-    B, H, W, _ = x.shape
+                  relu: bool, **channels_first) -> Tensor:
+    """A k x k convolution kernel (dense or depthwise) over (B, H, W, C) -> (B, H', W', cout);
+    ``channels_first=True`` (dense only): x is (B, C, H, W)."""
+    B, H, W = (x.shape[0], *x.shape[2:]) if channels_first.get("channels_first") else x.shape[:3]
     Ho, Wo = (H + 2 * padding - k) // stride + 1, (W + 2 * padding - k) // stride + 1
     out = Tensor.empty(B, Ho, Wo, cout, device=x.device, dtype=x.dtype)
-    fxn = functools.partial(kernel, k=k, stride=stride, padding=padding, relu=relu)
+    fxn = functools.partial(kernel, k=k, stride=stride, padding=padding, relu=relu, **channels_first)
     return out.custom_kernel(x, w, bias, fxn=fxn)[0]
 
 
@@ -60,9 +61,9 @@ class Lowered:
     def forward(self, x: Tensor) -> Tensor:
         """(B, 3, H, W) -> (B, classes) float32: SHViT.forward, through the kernels."""
         m = self.model
-        x = x.cast(m.dtype).permute(0, 2, 3, 1)  # (B, H, W, 3)
-        for conv, act in zip(m.patch_embed[::2], m.patch_embed[1::2] + [None]):  # conv, ReLU, ..., conv
-            x = self(conv, x, relu=act is not None)
+        x = x.cast(m.dtype)  # (B, 3, H, W): the first convolution reads it as it comes
+        for i, (conv, act) in enumerate(zip(m.patch_embed[::2], m.patch_embed[1::2] + [None])):  # conv, ReLU, ..., conv
+            x = (self.first(conv, x, act is not None) if i == 0 else self(conv, x, relu=act is not None))  # (B, H', W', C')
         for stage in m.stages:
             x = self(stage, x)
         pooled = x.contiguous().mean(axis=(1, 2))  # (B, C3); the map realised first, else tinygrad
@@ -70,6 +71,15 @@ class Lowered:
         if m.head_dist is not None:
             y = (y + self(m.head_dist, pooled)) / 2
         return y.float().contiguous()  # its own buffer (replay.py reads it)
+
+    def first(self, conv, x: Tensor, relu: bool) -> Tensor:
+        """The stem's first convolution on the (B, 3, H, W) input, read channels-first by the kernel
+        (layers.py transposes the input to channels-last first: a copy, 2 ms for S1 at batch 16)."""
+        if type(conv).__name__ != "Conv2d" or conv.groups != 1 or is_product(conv):  # e.g. an unfolded ConvBN
+            return self(conv, x.permute(0, 2, 3, 1), relu=relu)
+        w, bias = self.weights[id(conv)]
+        cout, _, k, _ = conv.weight.shape
+        return window_kernel(conv_kernel, x, w, bias, cout, k, conv.stride, conv.padding, relu, channels_first=True)
 
     # ---- one method per layer class of layers.py ------------------------------------------------
     def Conv2d(self, conv, x, relu, residual):

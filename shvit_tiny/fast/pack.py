@@ -4,7 +4,7 @@ A product's weight (K, N) is read by a register tile of P output columns for eve
 (N/P, K, P), those P columns for every k lie one after another in memory, so the product streams
 its weights sequentially instead of reading P floats every N (at batch 1 every weight comes from
 memory once per call, 25 MB for S1: read as one stream per tile, stage 3's products took 48 us,
-not 90). Output widths that 8 does not divide are padded with zero columns to a multiple of 16
+not 90). Output widths that are not a whole number of register tiles are padded with zero columns
 (``padded_columns``). A dense k x k convolution reads (k*k*C_in, C_out) and a depthwise one
 (k*k, C). Made in numpy from the model's realised weights (tinygrad would compile ~100 one-off
 layout kernels), then copied to the device.
@@ -16,16 +16,25 @@ import numpy as np
 from shvit_numpy.tree import leaves
 
 from .kernels import tile
+from .target import target_has_avx512
 
 
 def padded_columns(n: int) -> int:
-    """A product's output columns, rounded up to a multiple of 16 where 8 does not divide them:
-    the register tiles are 8 to 32 channels wide, and a count such as S2's 308 = 4 x 77 (or S3's
-    qkv, 107, a prime) would otherwise get 4- or 1-channel tiles (S2 at batch 16: 115 ms, padded
-    66). The extra columns are computed from zero weights and dropped. Up to 16 columns are left
-    as they are: cheap either way, and there the gate ``j < n`` would divide the tile evenly, which
-    tinygrad turns into a split range the tile no longer fits."""
-    return n if n % 8 == 0 or n <= 16 else -(-n // 16) * 16
+    """A product's output columns, rounded up so the register tile is a whole number of vectors
+    wide: to a multiple of 32 on AVX-512 (two 16-float vectors: the 8 x 32 tile), else of 16,
+    where that adds at most 1/8 more columns; else to a multiple of 16 where 8 does not divide n.
+    A count such as S2's 308 = 4 x 77 (or S3's qkv, 107, a prime) would otherwise get 4- or
+    1-channel tiles (S2 at batch 16: 115 ms, padded to 16: 66), and S2's 616 = 8 x 77 8-channel
+    ones (its 6 products 616 x 308: 4.0 ms, padded to 640: 2.6 ms, one core of a Xeon). The extra
+    columns are computed from zero weights and dropped. Up to 16 columns are left as they are:
+    cheap either way, and there the gate ``j < n`` would divide the tile evenly, which tinygrad
+    turns into a split range the tile no longer fits."""
+    if n <= 16:
+        return n
+    for step in (32, 16) if target_has_avx512() else (16,):
+        if (padded := -(-n // step) * step) - n <= n // 8:
+            return padded
+    return n if n % 8 == 0 else -(-n // 16) * 16
 
 
 def column_block(n: int) -> int:
