@@ -151,10 +151,12 @@ def test_kernels_split_across_cores_answer_bit_for_bit_as_one_core(small, tiny_c
 def test_fast_weights_are_packed_for_their_kernels(tiny_cpu):
     """fast/pack.py lays each product's weight out as (Np/P, K, P): packed[jo, k, ji] = W[k, jo*P + ji],
     zero columns past N; the dense 3x3 stem reads (9*C_in, C_out), a depthwise conv (9, C)."""
+    tiny_cpu(X)  # the fast path builds its weights on the first call
     from shvit_numpy.tree import leaves
+    from shvit_tiny.fast.pack import padded_stem
     from shvit_tiny.layers import Conv2d, Linear
 
-    weights = tiny_cpu.runner.lowered.weights
+    weights, stem = tiny_cpu.runner.lowered.weights, padded_stem(tiny_cpu)
     layers = dict(leaves(tiny_cpu, (Conv2d, Linear)))
     assert len(weights) == len(layers)
     checked = set()
@@ -168,13 +170,16 @@ def test_fast_weights_are_packed_for_their_kernels(tiny_cpu):
             np.testing.assert_array_equal(unpacked[:, :m.shape[1]], m, err_msg=name)
             assert not unpacked[:, m.shape[1]:].any() and unpacked.shape[1] % P == 0, name
             checked.add("product")
-        elif layer.groups == 1:
-            np.testing.assert_array_equal(packed, w.transpose(2, 3, 1, 0).reshape(-1, w.shape[0]), err_msg=name)
-            checked.add("dense")
+        elif layer.groups == 1:  # the stem: channels padded with zeros (pack.padded_stem), in and out
+            cout, cin = stem[id(layer)]
+            padded = np.zeros((cout, cin) + w.shape[2:], np.float32)
+            padded[:w.shape[0], :w.shape[1]] = w
+            np.testing.assert_array_equal(packed, padded.transpose(2, 3, 1, 0).reshape(-1, cout), err_msg=name)
+            checked.add("dense" if (cout, cin) == w.shape[:2] else "dense, padded")
         else:
             np.testing.assert_array_equal(packed, w.reshape(w.shape[0], -1).T, err_msg=name)
             checked.add("depthwise")
-    assert checked == {"product", "dense", "depthwise"}
+    assert checked == {"product", "dense", "dense, padded", "depthwise"}
 
 
 @pytest.mark.slow

@@ -78,8 +78,8 @@ class Lowered:
         if type(conv).__name__ != "Conv2d" or conv.groups != 1 or is_product(conv):  # e.g. an unfolded ConvBN
             return self(conv, x.permute(0, 2, 3, 1), relu=relu)
         w, bias = self.weights[id(conv)]
-        cout, _, k, _ = conv.weight.shape
-        return window_kernel(conv_kernel, x, w, bias, cout, k, conv.stride, conv.padding, relu, channels_first=True)
+        k = conv.weight.shape[2]
+        return window_kernel(conv_kernel, x, w, bias, w.shape[1], k, conv.stride, conv.padding, relu, channels_first=True)
 
     # ---- one method per layer class of layers.py ------------------------------------------------
     def Conv2d(self, conv, x, relu, residual):
@@ -90,6 +90,7 @@ class Lowered:
             res = None if residual is None else residual.reshape(B * H * W, cout)
             return product(x.reshape(B * H * W, C), w, bias, cout, relu, res).reshape(B, H, W, cout)
         kernel = conv_kernel if conv.groups == 1 else depthwise_kernel
+        cout = w.shape[1] if conv.groups == 1 else cout  # the stem's: zero channels added (pack.padded_stem)
         return epilogue(window_kernel(kernel, x, w, bias, cout, k, conv.stride, conv.padding, relu), residual=residual)
 
     def ConvBN(self, m, x, relu, residual):  # an unfolded model: the BatchNorm after the kernel

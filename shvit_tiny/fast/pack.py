@@ -5,8 +5,9 @@ A product's weight (K, N) is read by a register tile of P output columns for eve
 its weights sequentially instead of reading P floats every N (at batch 1 every weight comes from
 memory once per call, 25 MB for S1: read as one stream per tile, stage 3's products took 48 us,
 not 90). Output widths that are not a whole number of register tiles are padded with zero columns
-(``padded_columns``). A dense k x k convolution reads (k*k*C_in, C_out) and a depthwise one
-(k*k, C). Made in numpy from the model's realised weights (tinygrad would compile ~100 one-off
+(``padded_columns``); so are the stem's convolutions' channels (``padded_stem``: the next one
+reads the zero channels with zero weights). A dense k x k convolution reads (k*k*C_in, C_out) and
+a depthwise one (k*k, C). Made in numpy from the model's realised weights (tinygrad would compile ~100 one-off
 layout kernels), then copied to the device.
 """
 from __future__ import annotations
@@ -26,10 +27,11 @@ def padded_columns(n: int) -> int:
     A count such as S2's 308 = 4 x 77 (or S3's qkv, 107, a prime) would otherwise get 4- or
     1-channel tiles (S2 at batch 16: 115 ms, padded to 16: 66), and S2's 616 = 8 x 77 8-channel
     ones (its 6 products 616 x 308: 4.0 ms, padded to 640: 2.6 ms, one core of a Xeon). The extra
-    columns are computed from zero weights and dropped. Up to 16 columns are left as they are:
-    cheap either way, and there the gate ``j < n`` would divide the tile evenly, which tinygrad
-    turns into a split range the tile no longer fits."""
-    if n <= 16:
+    columns are computed from zero weights and dropped. Up to 16 columns, and counts 16 divides,
+    are left as they are: there the gate ``j < n`` (bias and residual read as 0 past n) would
+    divide a tile at a whole vector, which tinygrad turns into a split range the tile no longer
+    fits (S4's 336 padded to 352: 16 GFLOPS, 8x slower than 336 in 16-column tiles)."""
+    if n <= 16 or n % 16 == 0:
         return n
     for step in (32, 16) if target_has_avx512() else (16,):
         if (padded := -(-n // step) * step) - n <= n // 8:
@@ -82,10 +84,40 @@ def kernel_weights(model) -> dict[int, tuple]:
     from ..layers import Conv2d, Linear
     from ..model import device_tensor
 
-    out = {}
+    out, stem = {}, padded_stem(model)
     for _, layer in leaves(model, (Conv2d, Linear)):
         w = host(layer.weight).astype(np.float32)
         n = w.shape[0]
         bias = np.zeros(n, np.float32) if layer.bias is None else host(layer.bias).astype(np.float32)
+        if id(layer) in stem:  # zero output channels added, and input channels where the conv before added some
+            (cout, cin), n = stem[id(layer)], w.shape[0]
+            w = np.pad(w, ((0, cout - n), (0, cin - w.shape[1]), (0, 0), (0, 0)))
+            bias = np.pad(bias, (0, cout - n))
         out[id(layer)] = (device_tensor(layout(layer, w), model.device), device_tensor(bias, model.device))
+    return out
+
+
+def padded_channels(n: int) -> int:
+    """A stem convolution's output channels, rounded up to a multiple of 16 (one 16-float
+    register) where 8 does not divide them or that adds at most 1/7 more: S4's 28 and 56 ran in
+    4- and 8-channel tiles (its stem: 105 of 340 ms at batch 16 on one core); S3's 24 stays (32
+    would add a third to the next convolution's work)."""
+    padded = -(-n // 16) * 16
+    return padded if n % 8 or padded - n <= n // 7 else n
+
+
+def padded_stem(model) -> dict[int, tuple[int, int]]:
+    """id(conv) -> (output, input) channels as the kernels compute them, for the stem's dense
+    convolutions but the last (its output is the stages' input, kept as it is); {} for an
+    unfolded model (a BatchNorm after each conv would see the padding)."""
+    from ..layers import Conv2d
+
+    convs = model.patch_embed[::2]
+    if not all(type(c) is Conv2d and c.groups == 1 and not is_product(c) for c in convs):
+        return {}
+    out, cin = {}, convs[0].weight.shape[1]
+    for conv in convs:
+        cout = conv.weight.shape[0] if conv is convs[-1] else padded_channels(conv.weight.shape[0])
+        out[id(conv)] = (cout, cin)
+        cin = cout
     return out
