@@ -9,6 +9,7 @@ through hand-written kernels: the one place that decides is ``__call__``.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 
 import numpy as np
@@ -176,13 +177,31 @@ def device_tensor(a: np.ndarray, device: str) -> Tensor:
     return t
 
 
+@contextlib.contextmanager
+def default_device(device: str):
+    """tinygrad's default device is ``device`` inside this block, unless ``DEV`` names one.
+
+    Why: tinygrad wraps a Python number in ``x + 1e-5`` as a Tensor on its default device, and
+    finds that device by opening every backend it knows (METAL, AMD, NV, CUDA, QCOM, CL): ~0.5 s
+    of every new process (half a warm first answer). The number itself belongs to no device, so
+    naming the model's device changes no result; only the search is skipped."""
+    from tinygrad import Context
+    from tinygrad.helpers import DEV, Target
+
+    if DEV.device:
+        yield
+        return
+    with Context(DEV=[Target(device.split(":")[0])] + DEV.value):
+        yield
+
+
 def from_host(host, device: str, half: bool = False) -> SHViT:
     """A shvit_numpy model (folded or not) -> the same model in tinygrad on ``device``.
 
     Folding and the float16 cast are done once on the host in numpy (shvit_numpy's ``fuse``: the
     same equations as ``SHViT.fuse`` here). Done by tinygrad they are ~600 one-off kernels (S1),
     each lowered and compiled: seconds of every first run."""
-    with building_on(device):
+    with building_on(device), default_device(device):
         model = SHViT(host.config)
         if not hasattr(host.patch_embed[0], "bn"):  # the host model is folded: take the folded structure
             model.fuse(ready=False)
