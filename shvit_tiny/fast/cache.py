@@ -40,7 +40,7 @@ from pathlib import Path
 
 from . import notice, switched_off, tinygrad_version
 
-FORMAT = 1  # bump when what an entry holds changes
+FORMAT = 2  # bump when what an entry holds changes (2: programs saved without their lowered graphs)
 MAGIC = b"shvit-tinyjit\n"
 
 
@@ -271,7 +271,8 @@ def store(parts: dict, jit) -> Path | None:
     if d is None:
         return None
     jit.captured.free_intermediates()  # the planned scratch buffers are not saved, only their sizes
-    data = encode(parts, pickle.dumps(jit, protocol=pickle.HIGHEST_PROTOCOL))
+    with lean(jit.captured):
+        data = encode(parts, pickle.dumps(jit, protocol=pickle.HIGHEST_PROTOCOL))
     path = entry_path(d, key_of(parts))
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=d)  # 0600
     try:
@@ -288,6 +289,35 @@ def store(parts: dict, jit) -> Path | None:
             os.unlink(tmp)
     evict(d, max_bytes())
     return path
+
+
+@contextlib.contextmanager
+def lean(captured):
+    """While pickling: ``captured`` with each compiled program reduced to what running it reads.
+
+    A compiled PROGRAM holds its binary, its C source, its launch info and the whole graph it
+    was lowered through (thousands of UOps per kernel: 38,000 of S1's 39,000). Running it reads
+    the binary, the launch info, the parameters' signature (``UOp.to_elf``) and the cost
+    estimates, never the graph; unpickling and hashing that graph was ~0.7 s of every warm first
+    answer. The process that captured keeps its full capture: only the saved copy is lean."""
+    full = captured._linear
+    captured._linear = full.replace(src=tuple(c.replace(src=(lean_program(c.src[0]), *c.src[1:])) for c in full.src))
+    try:
+        yield
+    finally:
+        captured._linear = full
+
+
+def lean_program(prg):
+    """A compiled PROGRAM (SINK, LINEAR, SOURCE, BINARY) with its SINK emptied (its KernelInfo,
+    with the estimates, kept) and its LINEAR cut to the PARAMs; anything else as it is."""
+    from tinygrad.uop.ops import Ops, UOp
+
+    if prg.op is not Ops.PROGRAM or [s.op for s in prg.src] != [Ops.SINK, Ops.LINEAR, Ops.SOURCE, Ops.BINARY]:
+        return prg
+    sink, linear, *rest = prg.src
+    params = tuple(u for u in linear.src if u.op is Ops.PARAM)  # in order: to_elf's signature
+    return prg.replace(src=(UOp(Ops.SINK, sink.dtype, (), sink.arg), linear.replace(src=params), *rest))
 
 
 def evict(d: Path, limit: int) -> list[Path]:
