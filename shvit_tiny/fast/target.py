@@ -96,13 +96,19 @@ def compile_context(device: str, cores: int | None = None):
     inside this block and only for the CPU device, gives the kernels 16-float vectors: the products
     ~1.4x faster. The 512-bit request is made only for the CPU device and only when ``DEV`` names
     no renderer or arch for it (a choice of yours is left as it is). Everything is restored on
-    leaving the block."""
+    leaving the block. tinygrad's SPEC is 0 inside it unless you set SPEC: its default, 1,
+    re-checks each graph it lowers against its UOp grammar (``type_verify``), ~1 s of S1's ~30 s
+    first compile on one core; the check changes no program (SPEC is not among the settings
+    tinygrad keys its programs by), it only finds bugs in a graph, so ``SPEC=1`` turns it back on
+    while working on the kernels."""
     from tinygrad import Context
     from tinygrad.helpers import DEV, Target
 
     settings = {} if cores is None else {"NUM_CPU_THREADS": cores}
     if (workers := compile_workers()) is not None:
         settings["PARALLEL"] = workers
+    if "SPEC" not in os.environ:
+        settings["SPEC"] = 0  # tinygrad's grammar checks of every graph it lowers: see the docstring
     cpu = [t for t in DEV.value if t.device in ("", "CPU")]
     if device == "CPU" and not any(t.renderer or t.arch for t in cpu) and has_avx512():
         wide = Target("CPU", "CLANG", "x86_64,native,prefer-vector-width=512")
