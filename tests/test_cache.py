@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from tinygrad import Tensor
+from tinygrad import dtypes
 
 import shvit_tiny
 from shvit_numpy.config import SHViTConfig
@@ -75,6 +75,43 @@ def test_first_run_saves_and_the_next_loads_it(weights, reference, cache_home):
     y2, loaded = run_once(weights)
     assert loaded, "the second load compiled again instead of using the saved capture"
     np.testing.assert_array_equal(y2, reference)
+
+
+@pytest.mark.slow
+def test_a_loaded_capture_answers_from_its_flat_replay_and_is_saved_lean(weights, reference, cache_home, monkeypatch):
+    """A capture loaded from the cache answers its first numpy call through replay.py's flat calls
+    (no TinyJit call first), bit for bit; the entry's programs kept their binaries, launch info
+    and parameters but not the graphs they were lowered through (cache.lean), while the process
+    that captured keeps its own whole."""
+    from tinygrad.uop.ops import Ops
+
+    from shvit_tiny.fast.replay import CpuReplay
+    from shvit_tiny.fast.runner import Runner
+
+    def programs(jit):
+        return {c.src[0] for c in jit.captured._linear.src if c.src[0].op is Ops.PROGRAM}
+
+    model = shvit_tiny.load(weights, device="CPU")
+    model(X)
+    (mine,) = model.runner.jits.values()
+    assert mine.fxn is not None and all(p.src[0].src for p in programs(mine)), "the capturing process lost its graphs"
+    (entry,) = entries(cache_home)
+    header = json.loads(entry.read_bytes()[len(cache.MAGIC):].partition(b"\n")[0])
+    saved = programs(cache.fetch(header["parts"]))
+    assert len(saved) == len(programs(mine)) > 10
+    for p in saved:
+        assert not p.src[0].src and {u.op for u in p.src[1].src} == {Ops.PARAM} and p.src[3].op is Ops.BINARY, p.arg.name
+    loaded = shvit_tiny.load(weights, device="CPU")
+    loaded.runner = Runner(loaded)  # as its first call makes it
+    def no_tinyjit(t):
+        raise AssertionError("a loaded capture's first call went through TinyJit")
+    monkeypatch.setattr(loaded.runner, "jitted", no_tinyjit)
+    y = loaded(X)
+    jit = loaded.runner.jits[(X.shape, dtypes.float32, "CPU")]
+    assert jit.fxn is None and isinstance(loaded.runner.replays[X.shape], CpuReplay)
+    np.testing.assert_array_equal(y, reference)
+    x2 = np.random.default_rng(6).standard_normal(X.shape).astype(np.float32)
+    np.testing.assert_array_equal(loaded(x2), model(x2), err_msg="a new input: the loaded replay differs from the capture")
 
 
 @pytest.mark.slow
@@ -159,7 +196,7 @@ def test_an_entry_for_another_key_is_not_used(weights, reference, cache_home, ca
     model = shvit_tiny.load(weights, device="CPU")
     model(X[:, :, :32, :32])  # saves the capture for 32 x 32
     (other,) = entries(cache_home)
-    parts = model.runner.cache_parts(Tensor(X, device="CPU"))
+    parts = model.runner.cache_parts(X.shape, dtypes.float32)
     other.rename(cache.entry_path(cache_home, cache.key_of(parts)))
     capsys.readouterr()
     y, loaded = run_once(weights)

@@ -20,6 +20,7 @@ off (the JIT replays as it would without this module).
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 
 import numpy as np
@@ -42,8 +43,19 @@ class CpuReplay:
         self.in_addr, self.in_shape, self.in_dtype = in_addr, in_shape, in_dtype  # held: the Buffers those use
         self.out_addr, self.out_shape, self.out_dtype = out_addr, out_shape, out_dtype
         self.threads = threads
-        self.array = parallel.calls_array(kernels) if parallel.library() is not None else None
-        self.calls = None if self.array is not None else python_calls(kernels)
+
+    # Made on first use, not with the replay: a process that answers once (a capture just
+    # compiled; its replay made for a second call that never comes) then never builds pool.c
+    # (~0.1 s of clang).
+    @functools.cached_property
+    def array(self):
+        """The calls as pool.c's array, or None without pool.c."""
+        return parallel.calls_array(self.kernels) if parallel.library() is not None else None
+
+    @functools.cached_property
+    def calls(self) -> list | None:
+        """Without pool.c: the calls as ctypes calls, slice after slice (else None)."""
+        return None if self.array is not None else python_calls(self.kernels)
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         x = np.ascontiguousarray(x, dtype=self.in_dtype)
