@@ -161,6 +161,13 @@ def padded_load(X: UOp, b: UOp, iy: UOp, ix: UOp, c: UOp, channels_first: bool =
     return inside.where(X[b, c, iy, ix] if channels_first else X[b, iy, ix, c], 0.0)
 
 
+def conv_channel_tile(n: int) -> tuple:
+    """A dense convolution's output channels per tile: ``channel_tile``'s, or 48 (three 16-float
+    vectors: 8 pixels x 3 = 24 accumulators of 32 registers) for counts such as S3's 48 that 32
+    does not divide while compiling for 512-bit vectors."""
+    return (16, 3) if wide_vectors_asked() and n % 32 and n % 48 == 0 else channel_tile(n)
+
+
 def pixel_tile(Ho: int, Wo: int, N: int) -> tuple[int, int]:
     """A dense convolution's register tile in output pixels, (rows, columns): 4 x 2 where they
     divide the map, else 1 x 4 or 2 x 2. Measured on the stem (one core of a Xeon, batch 16):
@@ -189,7 +196,7 @@ def conv_kernel(O: UOp, X: UOp, Wm: UOp, bias: UOp, k: int, stride: int, padding
     ty, tx = pixel_tile(Ho, Wo, N)
     sizes = (B, Ho, Wo, N)
     cores = split(sizes, (0, 1), (1, ty)) if worth_splitting(B * Ho * Wo * N * k * k * C) else ()  # images, else rows
-    opts = cores + channel_upcasts(sizes, 3, channel_tile(N)) + upcasts(sizes, (2, tx), (1, ty))
+    opts = cores + channel_upcasts(sizes, 3, conv_channel_tile(N)) + upcasts(sizes, (2, tx), (1, ty))
     return O.end(b, y, x, n).sink(arg=KernelInfo(name=f"conv{k}s{stride}_{Ho}_{Wo}_{N}_{C}", opts_to_apply=opts))
 
 

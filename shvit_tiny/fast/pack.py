@@ -99,11 +99,12 @@ def kernel_weights(model) -> dict[int, tuple]:
 
 def padded_channels(n: int) -> int:
     """A stem convolution's output channels, rounded up to a multiple of 16 (one 16-float
-    register) where 8 does not divide them or that adds at most 1/7 more: S4's 28 and 56 ran in
-    4- and 8-channel tiles (its stem: 105 of 340 ms at batch 16 on one core); S3's 24 stays (32
-    would add a third to the next convolution's work)."""
+    register) where 8 does not divide them or that adds at most a third: S4's 28 and 56 and S3's
+    24 ran in 4- and 8-channel tiles (S4's stem: 105 of 340 ms at batch 16 on one core, 57
+    padded; S3's first two convolutions 12 and 20 ms, padded 7.4 and 14.7 although the second
+    then reads a third more input channels)."""
     padded = -(-n // 16) * 16
-    return padded if n % 8 or padded - n <= n // 7 else n
+    return padded if n % 8 or padded - n <= n // 3 else n
 
 
 def padded_stem(model) -> dict[int, tuple[int, int]]:
