@@ -18,8 +18,8 @@ import functools
 
 from tinygrad import Tensor
 
-from .kernels import attend_kernel, conv_kernel, depthwise_kernel, gemm_kernel
-from .pack import is_product
+from .kernels import attend_kernel, conv_kernel, depthwise_kernel, frame_kernel, gemm_kernel
+from .pack import is_product, padded_stem
 
 
 def epilogue(y: Tensor, relu: bool = False, residual: Tensor | None = None) -> Tensor:
@@ -38,13 +38,18 @@ def product(x: Tensor, w: Tensor, bias: Tensor, n: int, relu: bool = False, resi
 
 
 def window_kernel(kernel, x: Tensor, w: Tensor, bias: Tensor, cout: int, k: int, stride: int, padding: int,
-                  relu: bool, **channels_first) -> Tensor:
+                  relu: bool, **layout) -> Tensor:
     """A k x k convolution kernel (dense or depthwise) over (B, H, W, C) -> (B, H', W', cout);
-    ``channels_first=True`` (dense only): x is (B, C, H, W)."""
-    B, H, W = (x.shape[0], *x.shape[2:]) if channels_first.get("channels_first") else x.shape[:3]
+    dense only, ``layout``: ``channels_first=True``: x is (B, C, H, W); ``framed_in=True``: x is
+    (B, H+2, W+2, C) with a zero frame; ``framed_out=True``: the output gets one (kernels.conv_kernel)."""
+    B, H, W = (x.shape[0], *x.shape[2:]) if layout.get("channels_first") else x.shape[:3]
+    H, W = (H - 2, W - 2) if layout.get("framed_in") else (H, W)
     Ho, Wo = (H + 2 * padding - k) // stride + 1, (W + 2 * padding - k) // stride + 1
-    out = Tensor.empty(B, Ho, Wo, cout, device=x.device, dtype=x.dtype)
-    fxn = functools.partial(kernel, k=k, stride=stride, padding=padding, relu=relu, **channels_first)
+    framed = int(layout.get("framed_out", False))
+    out = Tensor.empty(B, Ho + 2 * framed, Wo + 2 * framed, cout, device=x.device, dtype=x.dtype)
+    if framed:  # the frame's zeros first (only the frame: zeroing it all cost 3 ms of S1's stem at batch 16)
+        out = out.custom_kernel(fxn=frame_kernel)[0]
+    fxn = functools.partial(kernel, k=k, stride=stride, padding=padding, relu=relu, **layout)
     return out.custom_kernel(x, w, bias, fxn=fxn)[0]
 
 
@@ -61,9 +66,7 @@ class Lowered:
     def forward(self, x: Tensor) -> Tensor:
         """(B, 3, H, W) -> (B, classes) float32: SHViT.forward, through the kernels."""
         m = self.model
-        x = x.cast(m.dtype)  # (B, 3, H, W): the first convolution reads it as it comes
-        for i, (conv, act) in enumerate(zip(m.patch_embed[::2], m.patch_embed[1::2] + [None])):  # conv, ReLU, ..., conv
-            x = (self.first(conv, x, act is not None) if i == 0 else self(conv, x, relu=act is not None))  # (B, H', W', C')
+        x = self.stem(x.cast(m.dtype))  # (B, 3, H, W) -> (B, H/16, W/16, C1)
         for stage in m.stages:
             x = self(stage, x)
         pooled = x.contiguous().mean(axis=(1, 2))  # (B, C3); the map realised first, else tinygrad
@@ -72,14 +75,25 @@ class Lowered:
             y = (y + self(m.head_dist, pooled)) / 2
         return y.float().contiguous()  # its own buffer (replay.py reads it)
 
-    def first(self, conv, x: Tensor, relu: bool) -> Tensor:
-        """The stem's first convolution on the (B, 3, H, W) input, read channels-first by the kernel
-        (layers.py transposes the input to channels-last first: a copy, 2 ms for S1 at batch 16)."""
-        if type(conv).__name__ != "Conv2d" or conv.groups != 1 or is_product(conv):  # e.g. an unfolded ConvBN
-            return self(conv, x.permute(0, 2, 3, 1), relu=relu)
-        w, bias = self.weights[id(conv)]
-        k = conv.weight.shape[2]
-        return window_kernel(conv_kernel, x, w, bias, w.shape[1], k, conv.stride, conv.padding, relu, channels_first=True)
+    def stem(self, x: Tensor) -> Tensor:
+        """patch_embed (four 3x3 stride-2 convolutions, ReLU between) on the (B, 3, H, W) input.
+        The first reads it channels-first (layers.py transposes it to channels-last first: a copy,
+        2 ms for S1 at batch 16), and each but the last writes its output inside a one-pixel zero
+        frame that is the next one's padding, so the next reads its taps without a test for the
+        edge (kernels.conv_kernel). An unfolded model (ConvBN) runs as layers.py does."""
+        m = self.model
+        convs = m.patch_embed[::2]
+        if not padded_stem(m) or any(c.padding != 1 for c in convs):  # not plain dense Conv2d layers, or another frame
+            x = x.permute(0, 2, 3, 1)
+            for conv, act in zip(convs, m.patch_embed[1::2] + [None]):
+                x = self(conv, x, relu=act is not None)
+            return x
+        for i, conv in enumerate(convs):
+            w, bias = self.weights[id(conv)]
+            last = i == len(convs) - 1
+            x = window_kernel(conv_kernel, x, w, bias, w.shape[1], conv.weight.shape[2], conv.stride, conv.padding,
+                              not last, channels_first=i == 0, framed_in=i > 0, framed_out=not last)
+        return x  # (B, H/16, W/16, C1)
 
     # ---- one method per layer class of layers.py ------------------------------------------------
     def Conv2d(self, conv, x, relu, residual):
