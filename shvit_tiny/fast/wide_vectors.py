@@ -96,7 +96,8 @@ def widen(sink, width: int = 8):
                         for access in accesses:  # its users read lanes access.index(i)
                             replace.update({access.index(i): load.index(4 * part + i) for i in range(4)})
                 else:
-                    store = wide.store(UOp.stack(*[st[0].src[1].index(i) for st in run for i in range(4)]))
+                    lanes = tuple(st[0].src[1].index(i) for st in run for i in range(4))
+                    store = wide.store(UOp(Ops.STACK, src=lanes))  # not UOp.stack: its shape checks cost ~4 s of S1's first compile
                     replace.update({st[0]: store for st in run})
                 done.update(const + 4 * i for i in range(w // 4))
                 break
