@@ -3,8 +3,9 @@
 tinygrad's CPU device splits a kernel across cores with its THREAD opt (kernels.py asks for it on
 the fast path's own kernels, tinygrad's heuristic on the rest): the kernel takes a core id and
 computes that slice of its output. tinygrad 0.14 calls the slices one after another. ``Pool``
-runs them at once, one thread per core, a barrier between kernels, all in C (pool.c), so there is
-no Python in the loop and no GIL to share. It also serves one core: one C loop over the calls.
+runs them at once, one thread per core, each taking the next slice not yet taken, a kernel
+starting when the one before is done, all in C (pool.c), so there is no Python in the loop and no
+GIL to share. It also serves one core: one C loop over the calls.
 
 How many threads: the model's ``threads`` (``load(..., threads=N)``, ``--threads N``), by default
 tinygrad's ``NUM_CPU_THREADS`` (the environment variable, else the cores this process may use);
@@ -38,7 +39,8 @@ MAX_ARGS = 16  # as pool.c
 class Call(ctypes.Structure):
     """pool.c's call_t: one kernel call (or, with ``core_arg`` >= 0, its ``slices`` core slices)."""
     _fields_ = [("fxn", ctypes.c_void_p), ("slices", ctypes.c_int32), ("core_arg", ctypes.c_int32),
-                ("barrier", ctypes.c_int32), ("nargs", ctypes.c_int32), ("args", ctypes.c_uint64 * MAX_ARGS)]
+                ("nargs", ctypes.c_int32), ("pad", ctypes.c_int32), ("args", ctypes.c_uint64 * MAX_ARGS),
+                ("next", ctypes.c_int32), ("done", ctypes.c_int32)]  # pool.c's atomic counters
 
 
 def compiler() -> str | None:
@@ -132,14 +134,12 @@ def pool(n: int) -> Pool | None:
 
 
 def calls_array(calls: list[tuple[int, int, int, tuple[int, ...]]]):
-    """(kernel address, slices, core argument or -1, arguments) per kernel -> a ``Call`` array,
-    with a barrier before each call except between two that are not split (both run on thread 0)."""
+    """(kernel address, slices, core argument or -1, arguments) per kernel -> a ``Call`` array."""
     arr = (Call * len(calls))()
     for i, (addr, slices, core_arg, args) in enumerate(calls):
         if len(args) > MAX_ARGS:
             raise ValueError(f"a kernel with {len(args)} arguments (pool.c takes {MAX_ARGS})")
         c = arr[i]
         c.fxn, c.slices, c.core_arg, c.nargs = addr, slices, core_arg, len(args)
-        c.barrier = int(i > 0 and not (core_arg < 0 and calls[i - 1][2] < 0))
         c.args[:len(args)] = args
     return arr

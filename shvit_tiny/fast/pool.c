@@ -3,11 +3,15 @@
 
    tinygrad's THREAD opt splits a kernel across cores: the kernel becomes one C function taking a
    core id, and the call with core id k computes slice k of the output (tinygrad's CPU device runs
-   the slices one after another). Here `threads` threads walk the list of calls together: thread t
-   runs the slices t, t + threads, ... of each call, then every thread waits at a barrier before
-   the next call, which may read what this one wrote. A call that is not split runs on thread 0
-   alone, and two such calls in a row need no barrier between them. Each slice is the same code on
-   the same data as on one core, so the results are bit for bit those of one core.
+   the slices one after another). Here `threads` threads walk the list of calls together. Each
+   kernel waits until every slice of the kernel before it is done (it may read what that one
+   wrote), then every thread takes the next slice not yet taken (an atomic counter) until none is
+   left. A kernel that is not split is one slice. No thread waits for another thread, only for
+   work to be done: a thread that has lost its core (another program's threads spinning on it,
+   as OpenBLAS's do after each call) holds no one up unless it holds a slice, and the others take
+   the rest. (A barrier after each kernel, waiting for every thread, cost a third of two cores'
+   speed beside such threads.) Each slice is the same code on the same data as on one core, so the
+   results are bit for bit those of one core.
 
    One thread (threads = 1) walks the list alone: still worth it, one C loop instead of one
    Python-to-C call per kernel (~2 us each, 170 kernels for S1). */
@@ -23,10 +27,11 @@
 typedef struct {
   void (*fxn)(void);   /* the kernel */
   int32_t slices;      /* core ids 0 .. slices-1 */
-  int32_t core_arg;    /* the argument the core id goes in; -1: a kernel not split across cores */
-  int32_t barrier;     /* 1: every thread finishes the calls before this one first */
+  int32_t core_arg;    /* the argument the core id goes in; -1: a kernel not split (one slice) */
   int32_t nargs;
+  int32_t pad;
   uint64_t args[MAX_ARGS];  /* buffer addresses and integer values, as tinygrad passes them */
+  atomic_int next, done;    /* slices taken, slices finished (pool_run sets both to 0) */
 } call_t;
 
 /* Every kernel is called with MAX_ARGS 64-bit arguments, as tinygrad's own CPU workers call them
@@ -45,10 +50,9 @@ struct pool {
   pthread_mutex_t wake_lock;
   pthread_cond_t wake;                   /* workers sleep on it between replays */
   int generation, quit;                  /* under wake_lock: bumped to start a replay; 1 to end */
-  const call_t *calls;
+  call_t *calls;
   int ncalls;
-  atomic_int arrived, phase;             /* the barrier: threads arrived, and its flip-flopping phase */
-  int main_phase;                        /* thread 0's view of the phase */
+  atomic_int walking;                    /* workers still walking the current replay's calls */
 };
 
 static void call(const call_t *c, int core) {
@@ -58,38 +62,25 @@ static void call(const call_t *c, int core) {
   ((kernel_t)c->fxn)(a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7], a[8], a[9], a[10], a[11], a[12], a[13], a[14], a[15]);
 }
 
-/* All threads meet here. The last to arrive resets the count and flips the phase; the others
-   spin until it flips (a few hundred nanoseconds between cores), yielding the core if it is slow
-   to come (more threads than free cores). */
-static void barrier(pool_t *p, int *phase) {
-  int next = !*phase;
-  *phase = next;
-  if (atomic_fetch_add(&p->arrived, 1) == p->threads - 1) {
-    atomic_store(&p->arrived, 0);
-    atomic_store(&p->phase, next);
-    return;
-  }
-  for (long spins = 0; atomic_load(&p->phase) != next; spins++)
+/* Until every slice of c is done: spin (a few hundred nanoseconds between cores), yielding the
+   core if that takes long (more threads than free cores). */
+static void wait_done(call_t *c) {
+  for (long spins = 0; atomic_load(&c->done) < c->slices; spins++)
     if (spins > 4000) sched_yield();
 }
 
-static void walk(pool_t *p, int t, int *phase) {
+static void walk(pool_t *p) {
   for (int i = 0; i < p->ncalls; i++) {
-    const call_t *c = &p->calls[i];
-    if (c->barrier) barrier(p, phase);
-    if (c->core_arg < 0) {
-      if (t == 0) call(c, 0);
-    } else {
-      for (int k = t; k < c->slices; k += p->threads) call(c, k);
-    }
+    call_t *c = &p->calls[i];
+    if (i > 0) wait_done(&p->calls[i - 1]);
+    for (int k; (k = atomic_fetch_add(&c->next, 1)) < c->slices; atomic_fetch_add(&c->done, 1)) call(c, k);
   }
-  barrier(p, phase);  /* the replay is over when every thread is */
 }
 
 static void *work(void *arg) {
   worker_t *w = arg;
   pool_t *p = w->pool;
-  int seen = 0, phase = 0;
+  int seen = 0;
   for (;;) {
     pthread_mutex_lock(&p->wake_lock);
     while (p->generation == seen && !p->quit) pthread_cond_wait(&p->wake, &p->wake_lock);
@@ -97,7 +88,8 @@ static void *work(void *arg) {
     seen = p->generation;
     pthread_mutex_unlock(&p->wake_lock);
     if (quit) return NULL;
-    walk(p, w->t, &phase);
+    walk(p);
+    atomic_fetch_sub(&p->walking, 1);
   }
 }
 
@@ -123,15 +115,23 @@ pool_t *pool_new(int threads) {
 int pool_threads(pool_t *p) { return p->threads; }
 
 /* Runs the calls in order, split across the pool's threads; returns when all are done. */
-void pool_run(pool_t *p, const call_t *calls, int ncalls) {
+void pool_run(pool_t *p, call_t *calls, int ncalls) {
   pthread_mutex_lock(&p->run_lock);
+  for (long spins = 0; atomic_load(&p->walking) > 0; spins++)  /* a late worker still passing the last replay */
+    if (spins > 4000) sched_yield();
+  for (int i = 0; i < ncalls; i++) {
+    atomic_store(&calls[i].next, 0);
+    atomic_store(&calls[i].done, 0);
+  }
   p->calls = calls;
   p->ncalls = ncalls;
+  atomic_store(&p->walking, p->threads - 1);
   pthread_mutex_lock(&p->wake_lock);
   p->generation++;
   pthread_cond_broadcast(&p->wake);
   pthread_mutex_unlock(&p->wake_lock);
-  walk(p, 0, &p->main_phase);
+  walk(p);
+  if (ncalls > 0) wait_done(&calls[ncalls - 1]);
   pthread_mutex_unlock(&p->run_lock);
 }
 
