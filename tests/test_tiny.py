@@ -135,7 +135,7 @@ def test_kernels_split_across_cores_answer_bit_for_bit_as_one_core(small, tiny_c
     m = shvit_tiny.load(small[1], device="CPU", threads=2)
     assert [m(X) for _ in range(2)] and m.runner.cores == 2
     replay = m.runner.replays[X.shape]
-    split = {name.split("_")[0] for name, k in zip(jit_names(m, X), replay.kernels) if k[1] == 2}
+    split = {name.split("_")[0] for name, k in zip(jit_names(m, X), replay.kernels) if k[1] > 1}  # 2 to 8 slices
     assert {"conv3s2", "dw3s1", "gemm", "attend"} <= split, split
     assert replay.array is not None and parallel.pool(2).threads == 2
     np.testing.assert_array_equal(m(X), want, err_msg="2 threads")

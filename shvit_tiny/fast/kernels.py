@@ -67,23 +67,24 @@ def product_tile(m: int, n: int) -> tuple[int, tuple]:
 
 
 def split(sizes: tuple[int, ...], *range_tile) -> tuple:
-    """The THREAD opt that splits the kernel across the cores it is compiled for (``threads``):
-    the first of the (range number, register tile) pairs whose range holds a multiple of
-    ``threads`` tiles is cut into ``threads`` equal slices, each core computing one (parallel.py
-    runs them at once). It comes first among the opts, so the ranges keep their numbers. None
-    where no range divides evenly, or the kernel is too small to be worth a second core
-    (~32K multiply-adds a core: cores wait for each other after every kernel)."""
-    n = threads()
-    if n <= 1:
-        return ()
-    for r, t in range_tile:  # each slice keeps > 1 of the range: tinygrad would drop a range of 1 and renumber
-        if sizes[r] > n and (sizes[r] // t) % n == 0:
-            return (Opt(OptOps.THREAD, sum(s > 1 for s in sizes[:r]), n),)
+    """The THREAD opt that cuts the kernel into the slices it is compiled for (``threads``: 4 a core
+    on several cores, target.slices; pool.c's threads take them as they come): the first of the
+    (range number, register tile) pairs whose range holds a multiple of that many tiles (else of
+    half, a quarter of it) is cut into that many equal slices. It comes first among the opts, so
+    the ranges keep their numbers. None where no range divides evenly, or the kernel is too small
+    to be worth a second core (``worth_splitting``)."""
+    for n in (threads(), threads() // 2, threads() // 4):
+        if n <= 1:
+            return ()
+        for r, t in range_tile:  # each slice keeps > 1 of the range: tinygrad would drop a range of 1 and renumber
+            if sizes[r] > n and (sizes[r] // t) % n == 0:
+                return (Opt(OptOps.THREAD, sum(s > 1 for s in sizes[:r]), n),)
     return ()
 
 
 def worth_splitting(macs: int) -> bool:
-    return macs >= threads() * (32 << 10)
+    """~32K multiply-adds a core at least (4 slices a core): a kernel starts only when the one before is done."""
+    return macs >= threads() * (8 << 10)
 
 
 def channel_upcasts(sizes: tuple[int, ...], r: int, amounts: tuple) -> tuple:

@@ -64,11 +64,17 @@ def wide_vectors_asked() -> bool:
 
 
 def threads() -> int:
-    """The cores the CPU device's kernels are split across (tinygrad's ``NUM_CPU_THREADS``: set by
-    ``compile_context`` to the model's thread count while the fast path compiles)."""
+    """The slices the CPU device's kernels are cut into (tinygrad's ``NUM_CPU_THREADS``: set by
+    ``compile_context`` to ``slices`` of the model's thread count while the fast path compiles)."""
     from tinygrad.helpers import NUM_CPU_THREADS
 
     return max(1, int(NUM_CPU_THREADS.value))
+
+
+def slices(cores: int) -> int:
+    """How many slices a kernel is cut into for ``cores`` cores: 4 a core on several (pool.c's
+    threads take them as they come, so a thread slowed by another program's takes fewer), 1 on one."""
+    return cores * 4 if cores > 1 else 1
 
 
 def compile_workers() -> int | None:
@@ -88,8 +94,8 @@ def compile_workers() -> int | None:
 @contextlib.contextmanager
 def compile_context(device: str, cores: int | None = None):
     """The context the fast path's captures are compiled in: no one-worker compile pool (see
-    ``compile_workers``); kernels split across ``cores`` cores (tinygrad's ``NUM_CPU_THREADS``;
-    None: as it is); and on the CPU device, 512-bit vectors where the CPU has them. tinygrad's
+    ``compile_workers``); kernels cut into ``slices(cores)`` slices for ``cores`` cores
+    (tinygrad's ``NUM_CPU_THREADS``; None: as it is); and on the CPU device, 512-bit vectors where the CPU has them. tinygrad's
     CPU device runs clang with ``-march=native``, yet on AVX-512 CPUs clang still prefers 256-bit
     vectors; there this asks it for 512-bit ones (tinygrad's own
     ``DEV=CPU:CLANG:x86_64,native,prefer-vector-width=512``), and wide_vectors.py, active only
@@ -104,7 +110,7 @@ def compile_context(device: str, cores: int | None = None):
     from tinygrad import Context
     from tinygrad.helpers import DEV, Target
 
-    settings = {} if cores is None else {"NUM_CPU_THREADS": cores}
+    settings = {} if cores is None else {"NUM_CPU_THREADS": slices(cores)}
     if (workers := compile_workers()) is not None:
         settings["PARALLEL"] = workers
     if "SPEC" not in os.environ:
