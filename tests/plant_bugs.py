@@ -7,6 +7,8 @@ one is not. Areas (all by default):
 
 * ``torch``, ``numpy``, ``tiny`` (and ``fast``, shvit_tiny's CPU kernels): in each runtime, the wrong attention scale, one residual
   connection dropped, q and k swapped, against tests/test_equivalence.py;
+* ``threads``: the thread pool skipping a slice or losing the core id, against the split test
+  of tests/test_tiny.py;
 * ``names``, ``preprocess``, ``readers``, ``float16``, ``training``: the edges of issue 23
   (the authors' names, image preprocessing, the ``.pth`` reader, tinygrad's float16 choices, the
   training step), against the tests that check them on independent references (tests/test_edges.py)
@@ -46,6 +48,7 @@ def edges(*names: str) -> tuple:
     return tuple(f"{EDGES}::{n}" for n in names)
 
 
+SPLIT = ("tests/test_tiny.py::test_kernels_split_across_cores_answer_bit_for_bit_as_one_core",)
 AUTHORS = edges("test_authors_keys_map_name_by_name_and_shape_by_shape",
                 "test_authors_file_gives_the_logits_of_a_forward_by_the_authors_names")
 PIXELS = edges("test_preprocessing_is_torchvisions_pixel_for_pixel")
@@ -66,6 +69,12 @@ BUGS = [
         "k, q = qkv[..., :a.qk_dim], qkv[..., a.qk_dim:2 * a.qk_dim]"),
     Bug("fast", "ReLU epilogue dropped", "shvit_tiny/fast/kernels.py", "    y = y.maximum(0.0) if relu else y\n",
         "    y = y\n"),
+    # -- every core: the thread pool must run every slice of every split kernel ------------------
+    Bug("threads", "last slice of each kernel never run", "shvit_tiny/fast/parallel.py",
+        "c.fxn, c.slices, c.core_arg, c.nargs = addr, slices, core_arg, len(args)",
+        "c.fxn, c.slices, c.core_arg, c.nargs = addr, max(1, slices - 1), core_arg, len(args)", SPLIT),
+    Bug("threads", "core id not passed", "shvit_tiny/fast/pool.c", "if (c->core_arg >= 0) a[c->core_arg] = (uint64_t)core;",
+        "(void)core;", SPLIT),
     # -- the authors' names: mistakes consistent in both directions pass a round trip -----------
     Bug("names", "downsample halves swapped, both ways", "shvit_numpy/names.py",
         '_AUTHORS_DOWNSAMPLE = {"0.0": 0, "0.1": 1, "1": 2, "2.0": 3, "2.1": 4}',
