@@ -71,8 +71,8 @@ BUGS = [
         "    y = y\n"),
     # -- every core: the thread pool must run every slice of every split kernel ------------------
     Bug("threads", "last slice of each kernel never run", "shvit_tiny/fast/parallel.py",
-        "c.fxn, c.slices, c.core_arg, c.nargs = addr, slices, core_arg, len(args)",
-        "c.fxn, c.slices, c.core_arg, c.nargs = addr, max(1, slices - 1), core_arg, len(args)", SPLIT),
+        "c.fxn, c.slices, c.core_arg = addr, slices, core_arg",
+        "c.fxn, c.slices, c.core_arg = addr, max(1, slices - 1), core_arg", SPLIT),
     Bug("threads", "core id not passed", "shvit_tiny/fast/pool.c", "if (c->core_arg >= 0) a[c->core_arg] = (uint64_t)core;",
         "(void)core;", SPLIT),
     # -- the authors' names: mistakes consistent in both directions pass a round trip -----------

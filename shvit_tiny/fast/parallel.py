@@ -39,8 +39,7 @@ MAX_ARGS = 16  # as pool.c
 class Call(ctypes.Structure):
     """pool.c's call_t: one kernel call (or, with ``core_arg`` >= 0, its ``slices`` core slices)."""
     _fields_ = [("fxn", ctypes.c_void_p), ("slices", ctypes.c_int32), ("core_arg", ctypes.c_int32),
-                ("nargs", ctypes.c_int32), ("pad", ctypes.c_int32), ("args", ctypes.c_uint64 * MAX_ARGS),
-                ("next", ctypes.c_int32), ("done", ctypes.c_int32)]  # pool.c's atomic counters
+                ("args", ctypes.c_uint64 * MAX_ARGS), ("next", ctypes.c_int32), ("done", ctypes.c_int32)]  # pool.c's atomic counters
 
 
 def compiler() -> str | None:
@@ -140,6 +139,6 @@ def calls_array(calls: list[tuple[int, int, int, tuple[int, ...]]]):
         if len(args) > MAX_ARGS:
             raise ValueError(f"a kernel with {len(args)} arguments (pool.c takes {MAX_ARGS})")
         c = arr[i]
-        c.fxn, c.slices, c.core_arg, c.nargs = addr, slices, core_arg, len(args)
+        c.fxn, c.slices, c.core_arg = addr, slices, core_arg
         c.args[:len(args)] = args
     return arr

@@ -28,8 +28,6 @@ typedef struct {
   void (*fxn)(void);   /* the kernel */
   int32_t slices;      /* core ids 0 .. slices-1 */
   int32_t core_arg;    /* the argument the core id goes in; -1: a kernel not split (one slice) */
-  int32_t nargs;
-  int32_t pad;
   uint64_t args[MAX_ARGS];  /* buffer addresses and integer values, as tinygrad passes them */
   atomic_int next, done;    /* slices taken, slices finished (pool_run sets both to 0) */
 } call_t;
@@ -39,13 +37,9 @@ typedef struct {
 typedef void (*kernel_t)(uint64_t, uint64_t, uint64_t, uint64_t, uint64_t, uint64_t, uint64_t, uint64_t,
                          uint64_t, uint64_t, uint64_t, uint64_t, uint64_t, uint64_t, uint64_t, uint64_t);
 
-typedef struct pool pool_t;
-typedef struct { pool_t *pool; int t; } worker_t;
-
-struct pool {
+typedef struct pool {
   int threads;
-  pthread_t *ids;
-  worker_t *workers;
+  pthread_t *ids;                        /* the workers: threads 1 .. threads-1 (thread 0 is the caller) */
   pthread_mutex_t run_lock;              /* one replay at a time */
   pthread_mutex_t wake_lock;
   pthread_cond_t wake;                   /* workers sleep on it between replays */
@@ -53,7 +47,7 @@ struct pool {
   call_t *calls;
   int ncalls;
   atomic_int walking;                    /* workers still walking the current replay's calls */
-};
+} pool_t;
 
 static void call(const call_t *c, int core) {
   uint64_t a[MAX_ARGS];
@@ -78,8 +72,7 @@ static void walk(pool_t *p) {
 }
 
 static void *work(void *arg) {
-  worker_t *w = arg;
-  pool_t *p = w->pool;
+  pool_t *p = arg;
   int seen = 0;
   for (;;) {
     pthread_mutex_lock(&p->wake_lock);
@@ -98,13 +91,11 @@ pool_t *pool_new(int threads) {
   if (p == NULL) return NULL;
   p->threads = threads < 1 ? 1 : threads;
   p->ids = calloc(p->threads, sizeof *p->ids);
-  p->workers = calloc(p->threads, sizeof *p->workers);
   pthread_mutex_init(&p->run_lock, NULL);
   pthread_mutex_init(&p->wake_lock, NULL);
   pthread_cond_init(&p->wake, NULL);
   for (int t = 1; t < p->threads; t++) {  /* thread 0 is the caller's */
-    p->workers[t] = (worker_t){p, t};
-    if (pthread_create(&p->ids[t], NULL, work, &p->workers[t]) != 0) {
+    if (pthread_create(&p->ids[t], NULL, work, p) != 0) {
       p->threads = t;  /* fewer threads than asked: still correct */
       break;
     }
@@ -142,6 +133,5 @@ void pool_free(pool_t *p) {
   pthread_mutex_unlock(&p->wake_lock);
   for (int t = 1; t < p->threads; t++) pthread_join(p->ids[t], NULL);
   free(p->ids);
-  free(p->workers);
   free(p);
 }
