@@ -22,7 +22,7 @@ from tinygrad import UOp
 from tinygrad.codegen.opt import Opt, OptOps
 from tinygrad.uop.ops import AxisType, KernelInfo
 
-from .target import target_has_avx512, threads, wide_vectors_asked
+from .target import num_cpu_threads, target_has_avx512, wide_vectors_asked
 
 # ---- register tiles -----------------------------------------------------------------------------
 
@@ -67,13 +67,14 @@ def product_tile(m: int, n: int) -> tuple[int, tuple]:
 
 
 def split(sizes: tuple[int, ...], *range_tile) -> tuple:
-    """The THREAD opt that cuts the kernel into the slices it is compiled for (``threads``: 4 a core
-    on several cores, target.slices; pool.c's threads take them as they come): the first of the
+    """The THREAD opt that cuts the kernel into the slices it is compiled for (``num_cpu_threads``
+    while compiling: 4 a core on several cores, target.slices; pool.c's threads take them as they
+    come): the first of the
     (range number, register tile) pairs whose range holds a multiple of that many tiles (else of
     half, a quarter of it) is cut into that many equal slices. It comes first among the opts, so
     the ranges keep their numbers. None where no range divides evenly, or the kernel is too small
     to be worth a second core (``worth_splitting``)."""
-    for n in (threads(), threads() // 2, threads() // 4):
+    for n in (num_cpu_threads(), num_cpu_threads() // 2, num_cpu_threads() // 4):
         if n <= 1:
             return ()
         for r, t in range_tile:  # each slice keeps > 1 of the range: tinygrad would drop a range of 1 and renumber
@@ -84,7 +85,7 @@ def split(sizes: tuple[int, ...], *range_tile) -> tuple:
 
 def worth_splitting(macs: int) -> bool:
     """~32K multiply-adds a core at least (4 slices a core): a kernel starts only when the one before is done."""
-    return macs >= threads() * (8 << 10)
+    return macs >= num_cpu_threads() * (8 << 10)
 
 
 def channel_upcasts(sizes: tuple[int, ...], r: int, amounts: tuple) -> tuple:

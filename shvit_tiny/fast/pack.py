@@ -90,7 +90,7 @@ def kernel_weights(model) -> dict[int, tuple]:
         n = w.shape[0]
         bias = np.zeros(n, np.float32) if layer.bias is None else host(layer.bias).astype(np.float32)
         if id(layer) in stem:  # zero output channels added, and input channels where the conv before added some
-            (cout, cin), n = stem[id(layer)], w.shape[0]
+            cout, cin = stem[id(layer)]
             w = np.pad(w, ((0, cout - n), (0, cin - w.shape[1]), (0, 0), (0, 0)))
             bias = np.pad(bias, (0, cout - n))
         out[id(layer)] = (device_tensor(layout(layer, w), model.device), device_tensor(bias, model.device))
@@ -108,9 +108,10 @@ def padded_channels(n: int) -> int:
 
 
 def padded_stem(model) -> dict[int, tuple[int, int]]:
-    """id(conv) -> (output, input) channels as the kernels compute them, for the stem's dense
-    convolutions but the last (its output is the stages' input, kept as it is); {} for an
-    unfolded model (a BatchNorm after each conv would see the padding)."""
+    """id(conv) -> (output, input) channels as the kernels compute them, for each of the stem's
+    dense convolutions: outputs padded (``padded_channels``) but the last's (the stages' input,
+    kept as it is), inputs as the conv before left them; {} for an unfolded model (a BatchNorm
+    after each conv would see the padding)."""
     from ..layers import Conv2d
 
     convs = model.patch_embed[::2]

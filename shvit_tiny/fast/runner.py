@@ -18,7 +18,7 @@ from . import cache
 from .lower import Lowered
 from .pack import kernel_weights
 from .replay import cpu_replay
-from .target import compile_context, threads
+from .target import compile_context, num_cpu_threads
 
 
 def kernels_apply(model) -> bool:
@@ -31,7 +31,7 @@ class Runner:
 
     def __init__(self, model):
         self.model = model
-        self.cores = model.threads or threads()  # kernels split into this many slices, run on as many threads
+        self.cores = model.threads or num_cpu_threads()  # the threads that run it, and target.slices(cores) per kernel
         self.jits: dict[tuple, TinyJit] = {}
         self.replays: dict[tuple, object] = {}  # numpy input shape -> CpuReplay, or None: TinyJit's replay
 

@@ -63,9 +63,10 @@ def wide_vectors_asked() -> bool:
     return "prefer-vector-width=512" in (DEV.target("CPU").arch or "")
 
 
-def threads() -> int:
-    """The slices the CPU device's kernels are cut into (tinygrad's ``NUM_CPU_THREADS``: set by
-    ``compile_context`` to ``slices`` of the model's thread count while the fast path compiles)."""
+def num_cpu_threads() -> int:
+    """tinygrad's ``NUM_CPU_THREADS`` now. Outside ``compile_context``: the cores a model runs on
+    by default (the environment variable, else the cores this process may use); inside it, the
+    slices each kernel is cut into (``slices`` of the model's cores, which the kernels read)."""
     from tinygrad.helpers import NUM_CPU_THREADS
 
     return max(1, int(NUM_CPU_THREADS.value))
