@@ -25,7 +25,7 @@ from shvit_tiny.fast.pack import pack_columns
 from shvit_tiny.fast.target import compile_context
 rng = np.random.default_rng(0)
 T = lambda a: Tensor(np.ascontiguousarray(a), device="CPU")
-with compile_context("CPU") if sys.argv[1] == "fast" else contextlib.nullcontext():
+with compile_context("CPU", 1) if sys.argv[1] == "fast" else contextlib.nullcontext():  # one core: unsplit tiles
     for m, k, n in ((64, 24, 32), (9, 5, 12), (24, 16, 40), (24, 20, 44), (49, 24, 32)):
         a, w, b, r = (rng.standard_normal(s).astype(np.float32) for s in ((m, k), (k, n), (n,), (m, n)))
         out = product(T(a), T(pack_columns(w)), T(b), n, relu=True, residual=T(r)).numpy()
