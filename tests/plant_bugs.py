@@ -9,6 +9,8 @@ one is not. Areas (all by default):
   connection dropped, q and k swapped, against tests/test_equivalence.py;
 * ``threads``: the thread pool skipping a slice or losing the core id, against the split test
   of tests/test_tiny.py;
+* ``csource``: the kernels written as C reading the residual at the wrong width, skipping a step
+  of a sum, overlapping core slices, shifting taps, against their twin test in tests/test_fast.py;
 * ``names``, ``preprocess``, ``readers``, ``float16``, ``training``: the edges of issue 23
   (the authors' names, image preprocessing, the ``.pth`` reader, tinygrad's float16 choices, the
   training step), against the tests that check them on independent references (tests/test_edges.py)
@@ -49,6 +51,7 @@ def edges(*names: str) -> tuple:
 
 
 SPLIT = ("tests/test_tiny.py::test_kernels_split_across_cores_answer_bit_for_bit_as_one_core",)
+TWINS = ("tests/test_fast.py::test_c_kernels_answer_bit_for_bit_as_tinygrad_lowers_the_uop_kernels",)
 AUTHORS = edges("test_authors_keys_map_name_by_name_and_shape_by_shape",
                 "test_authors_file_gives_the_logits_of_a_forward_by_the_authors_names")
 PIXELS = edges("test_preprocessing_is_torchvisions_pixel_for_pixel")
@@ -75,6 +78,14 @@ BUGS = [
         "c.fxn, c.slices, c.core_arg = addr, max(1, slices - 1), core_arg", SPLIT),
     Bug("threads", "core id not passed", "shvit_tiny/fast/pool.c", "if (c->core_arg >= 0) a[c->core_arg] = (uint64_t)core;",
         "(void)core;", SPLIT),
+    Bug("csource", "residual read at the padded row width", "shvit_tiny/fast/csource.py",
+        "for width in (N, n))", "for width in (N, N))", TWINS),
+    Bug("csource", "last k of each product skipped", "shvit_tiny/fast/csource.py",
+        'for (int k = 0; k < {K}; k++)', 'for (int k = 0; k < {K - 1}; k++)', TWINS),
+    Bug("csource", "core slices overlap", "shvit_tiny/fast/csource.py",
+        'const int {name}_lo = core * {per}', 'const int {name}_lo = core * {max(1, per - 1)}', TWINS),
+    Bug("csource", "depthwise taps shifted", "shvit_tiny/fast/csource.py",
+        "ix = {stride} * x + {kx - padding}", "ix = {stride} * x + {kx - padding + 1}", TWINS),
     # -- the authors' names: mistakes consistent in both directions pass a round trip -----------
     Bug("names", "downsample halves swapped, both ways", "shvit_numpy/names.py",
         '_AUTHORS_DOWNSAMPLE = {"0.0": 0, "0.1": 1, "1": 2, "2.0": 3, "2.1": 4}',

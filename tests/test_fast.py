@@ -9,6 +9,7 @@ import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from shvit_tiny.fast.target import compile_context, compile_workers, has_avx512
@@ -21,14 +22,15 @@ import numpy as np
 from tinygrad import Tensor
 from shvit_tiny.fast.kernels import depthwise_kernel
 from shvit_tiny.fast.lower import product, window_kernel
-from shvit_tiny.fast.pack import pack_columns
+from shvit_tiny.fast.pack import pack_columns, padded_columns
 from shvit_tiny.fast.target import compile_context
 rng = np.random.default_rng(0)
 T = lambda a: Tensor(np.ascontiguousarray(a), device="CPU")
 with compile_context("CPU", 1) if sys.argv[1] == "fast" else contextlib.nullcontext():  # one core: unsplit tiles
     for m, k, n in ((64, 24, 32), (9, 5, 12), (24, 16, 40), (24, 20, 44), (49, 24, 32)):
         a, w, b, r = (rng.standard_normal(s).astype(np.float32) for s in ((m, k), (k, n), (n,), (m, n)))
-        out = product(T(a), T(pack_columns(w)), T(b), n, relu=True, residual=T(r)).numpy()
+        bias = np.pad(b, (0, padded_columns(n) - n))  # as pack.kernel_weights pads a product's bias
+        out = product(T(a), T(pack_columns(w)), T(bias), n, relu=True, residual=T(r)).numpy()
         np.testing.assert_allclose(out, np.maximum(a @ w + b, 0) + r, rtol=1e-5, atol=1e-5)
     x, wt = rng.standard_normal((1, 6, 6, 12)).astype(np.float32), rng.standard_normal((9, 12)).astype(np.float32)
     out = window_kernel(depthwise_kernel, T(x), T(wt), T(np.zeros(12, np.float32)), 12, 3, 1, 1, False).numpy()  # 4-float tiles
@@ -40,7 +42,10 @@ print("VALUES OK")
 
 
 def kernel_sources(parallel: str, context: str, dev: str | None = None) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k != "DEV"} | {"DEBUG": "4", "PARALLEL": parallel} | ({"DEV": dev} if dev else {})
+    """The C tinygrad lowers kernels.py's UOp kernels to (SHVIT_C_KERNELS=0: csource.py's own C is
+    checked against them below), by kernel name."""
+    env = {k: v for k, v in os.environ.items() if k != "DEV"} | {"DEBUG": "4", "PARALLEL": parallel, "SHVIT_C_KERNELS": "0"}
+    env |= {"DEV": dev} if dev else {}
     out = subprocess.run([sys.executable, "-c", KERNEL_SCRIPT, context], capture_output=True, text=True, env=env)
     assert out.returncode == 0 and "VALUES OK" in out.stdout, out.stderr[-2000:]
     return dict(re.findall(r"void (\w+)\((.*?)\n}", out.stdout, re.S))  # kernel name -> its C
@@ -184,3 +189,84 @@ def test_no_compile_pool_of_one(monkeypatch):
     assert compile_workers() is None  # cores to spare: tinygrad's pool as it is
     monkeypatch.setenv("PARALLEL", "1")
     assert compile_workers() is None  # yours
+
+
+# ---- csource.py: the kernels written as C, against kernels.py lowered by tinygrad ------------------
+
+def twin_cases(rng):
+    """One call per branch of csource.py (name, function of nothing -> the output Tensor): products
+    8 x 32 tiles, 16 rows, 7 rows, a residual with padded columns (with and without ReLU),
+    columns outside rows, 4-float and scalar tiles; attention's sum with values at an unaligned
+    offset; dense convolutions channels-first with a frame out, framed in, zero-padded at stride 1
+    and 2 with 3-float-vector tiles; depthwise 16- and 4-channel tiles at stride 1 and 2."""
+    from tinygrad import Tensor
+
+    from shvit_tiny.fast import csource
+    from shvit_tiny.fast.kernels import attend_kernel, conv_kernel, depthwise_kernel
+    from shvit_tiny.fast.lower import product, window_kernel
+    from shvit_tiny.fast.pack import pack_columns, padded_columns
+
+    def arrays(*shapes):  # drawn once per case: both runs read the same inputs
+        return [rng.standard_normal(shape).astype(np.float32) for shape in shapes]
+
+    def T(a):
+        return Tensor(a, device="CPU")
+
+    def gemm(m, k, n, relu, residual):
+        x, w, b, r = arrays((m, k), (k, n), (n,), (m, n))
+        b, w = np.pad(b, (0, padded_columns(n) - n)), pack_columns(w)
+        return lambda: product(T(x), T(w), T(b), n, relu, T(r) if residual else None)
+
+    def attend(bt, n, qk, p):
+        a, qkv = arrays((bt, n, n), (bt, n, 2 * qk + p))
+
+        def run():
+            out = Tensor.empty(bt, n, p, device="CPU")
+            return out.custom_kernel(T(a), T(qkv), fxn=csource.fxn(attend_kernel, offset=2 * qk))[0]
+        return run
+
+    def conv(x_shape, c, n, stride, **layout):
+        x, w, b = arrays(x_shape, (9 * c, n), (n,))
+        return lambda: window_kernel(conv_kernel, T(x), T(w), T(b), n, 3, stride, 1, True, **layout)
+
+    def depthwise(h, c, stride):
+        x, w, b = arrays((2, h, h, c), (9, c), (c,))
+        return lambda: window_kernel(depthwise_kernel, T(x), T(w), T(b), c, 3, stride, 1, True)
+
+    return [("gemm 64 rows, relu + residual, split by rows", gemm(64, 64, 64, True, True)),
+            ("gemm 16 rows", gemm(16, 40, 64, False, False)),
+            ("gemm 49 rows, 44 columns padded, residual", gemm(49, 20, 44, False, True)),
+            ("gemm 24 rows, 44 columns padded, relu + residual", gemm(24, 20, 44, True, True)),
+            ("gemm columns outside rows, split by columns", gemm(32, 288, 1024, True, False)),
+            ("gemm 12 columns (4-float tiles)", gemm(9, 5, 12, False, True)),
+            ("gemm 6 columns (scalar tiles)", gemm(8, 5, 6, True, False)),
+            ("attention's sum, unaligned values, split by images", attend(16, 16, 4, 20)),
+            ("conv channels-first, frame out, split by images", conv((4, 3, 32, 32), 3, 16, 2, channels_first=True, framed_out=True)),
+            ("conv framed in", conv((2, 10, 10, 16), 16, 32, 2, framed_in=True)),
+            ("conv zero-padded, stride 1, 48 channels", conv((2, 8, 8, 8), 8, 48, 1)),
+            ("depthwise 32 channels, split by rows", depthwise(16, 32, 1)),
+            ("depthwise 12 channels, stride 2", depthwise(7, 12, 2))]
+
+
+def test_c_kernels_answer_bit_for_bit_as_tinygrad_lowers_the_uop_kernels(monkeypatch):
+    """csource.py's C (the default where clang compiles the CPU device) and kernels.py's UOp
+    kernels lowered by tinygrad (the reference: SHVIT_C_KERNELS=0) give the same bits for every
+    kernel kind, compiled for two cores: the larger ones split into slices, the smaller whole.
+    And the C is what ran."""
+    from tinygrad.uop.ops import Ops
+
+    from shvit_tiny.fast import csource
+
+    slices = []
+    for name, run in twin_cases(np.random.default_rng(0)):
+        answers = []
+        for flag in ("1", "0"):
+            monkeypatch.setenv("SHVIT_C_KERNELS", flag)
+            with compile_context("CPU", 2):
+                assert csource.applies() == (flag == "1")
+                out = run()
+                if flag == "1":  # csource's PROGRAM (with its C SOURCE) is in the graph, not a SINK to lower
+                    slices += [u.arg.global_size[0] for u in out.uop.toposort() if u.op is Ops.PROGRAM]
+                answers.append(out.numpy())
+        np.testing.assert_array_equal(answers[0], answers[1], err_msg=name)
+    assert len(slices) >= 14 and 1 in slices and 8 in slices and 2 in slices, slices

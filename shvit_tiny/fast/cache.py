@@ -116,12 +116,14 @@ def key_parts(weights_id: str, shape: tuple, dtype: str, device: str, cores: int
 
 def codegen_settings() -> dict:
     """tinygrad's settings that change the kernels it makes: those it keys its own program cache
-    by (NOOPT, NUM_CPU_THREADS, USE_TC, IMAGE, ...), BEAM and JITBEAM, and the C compiler."""
+    by (NOOPT, NUM_CPU_THREADS, USE_TC, IMAGE, ...), BEAM and JITBEAM, the C compiler, and whether
+    the fast path's kernels are csource.py's C or kernels.py's UOps lowered by tinygrad."""
     from tinygrad.codegen import to_program_config
     from tinygrad.helpers import BEAM, getenv
 
     out = {v.key: repr(v.value) for v in to_program_config}
-    out.update(BEAM=BEAM.value, JITBEAM=getenv("JITBEAM", 0), CC=os.environ.get("CC", ""))
+    out.update(BEAM=BEAM.value, JITBEAM=getenv("JITBEAM", 0), CC=os.environ.get("CC", ""),
+               SHVIT_C_KERNELS=not switched_off("SHVIT_C_KERNELS"))  # csource.py's C, or kernels.py lowered
     return out
 
 

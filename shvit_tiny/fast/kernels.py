@@ -66,21 +66,28 @@ def product_tile(m: int, n: int) -> tuple[int, tuple]:
     return rows, channel_tile(n) if rows <= 2 else (tile(n, (8, 4, 2, 1)),)
 
 
-def split(sizes: tuple[int, ...], *range_tile) -> tuple:
-    """The THREAD opt that cuts the kernel into the slices it is compiled for (``num_cpu_threads``
-    while compiling: 4 a core on several cores, target.slices; pool.c's threads take them as they
-    come): the first of the
-    (range number, register tile) pairs whose range holds a multiple of that many tiles (else of
-    half, a quarter of it) is cut into that many equal slices. It comes first among the opts, so
-    the ranges keep their numbers. None where no range divides evenly, or the kernel is too small
-    to be worth a second core (``worth_splitting``)."""
+def split_range(sizes: tuple[int, ...], *range_tile) -> tuple[int, int] | None:
+    """Where a kernel is cut into the slices it is compiled for (``num_cpu_threads`` while
+    compiling: 4 a core on several cores, target.slices; pool.c's threads take them as they come):
+    (range number, slices) for the first of the (range number, register tile) pairs whose range
+    holds a multiple of that many tiles (else of half, a quarter of it). None where no range
+    divides evenly. Each slice is one contiguous block of that range (slice s: the s-th block)."""
     for n in (num_cpu_threads(), num_cpu_threads() // 2, num_cpu_threads() // 4):
         if n <= 1:
-            return ()
+            return None
         for r, t in range_tile:  # each slice keeps > 1 of the range: tinygrad would drop a range of 1 and renumber
             if sizes[r] > n and (sizes[r] // t) % n == 0:
-                return (Opt(OptOps.THREAD, sum(s > 1 for s in sizes[:r]), n),)
-    return ()
+                return r, n
+    return None
+
+
+def split(sizes: tuple[int, ...], *range_tile) -> tuple:
+    """``split_range`` as tinygrad's THREAD opt, which comes first among the opts, so the ranges
+    keep their numbers; () where the kernel is not cut."""
+    if (where := split_range(sizes, *range_tile)) is None:
+        return ()
+    r, n = where
+    return (Opt(OptOps.THREAD, sum(s > 1 for s in sizes[:r]), n),)
 
 
 def worth_splitting(macs: int) -> bool:
@@ -111,9 +118,10 @@ def columns_outer(M: int, N: int, K: int) -> bool:
 
 
 def gemm_kernel(C: UOp, A: UOp, B: UOp, bias: UOp, *res: UOp, relu: bool = False) -> UOp:
-    """C = A @ W + bias, (M, K) @ (K, N) + (N,), then ReLU and + res[0] (M, N) if asked; W packed
-    (pack.py): B[jo, k, ji] = W[k, jo*P + ji]; C has the padded width Np (bias and residual
-    read as 0 past N). Tiled up to 8 rows x 32 columns (product_tile).
+    """C = A @ W + bias, (M, K) @ (K, N) + (N,), then ReLU and + res[0] (M, n) if asked; W packed
+    (pack.py): B[jo, k, ji] = W[k, jo*P + ji]; C and the bias have the padded width N (zero
+    columns, zero bias), the residual the real one, n (read as 0 past it: no read past its rows).
+    Tiled up to 8 rows x 32 columns (product_tile).
     At batch 1 every weight comes from memory once per call (S1's are 25 MB, more than the
     caches): read as one stream per tile, the products of stage 3 (16 rows) took 48 us, not 90."""
     M, N = C.shape
@@ -123,14 +131,14 @@ def gemm_kernel(C: UOp, A: UOp, B: UOp, bias: UOp, *res: UOp, relu: bool = False
     i, jo, ji = UOp.range(M, ri), UOp.range(N // P, rjo), UOp.range(P, 2)
     k = UOp.range(K, 3, axis_type=AxisType.REDUCE)
     j = jo * P + ji
-    n = bias.shape[0]  # the real width; C's columns past it are padding
+    n = res[0].shape[1] if res else N  # the residual's width; C's columns past it are padding
 
     def upto_n(t: UOp) -> UOp:
-        return t if n == N else (j < n).where(t, 0.0)  # a gated load: no read past N
+        return t if n == N else (j < n).where(t, 0.0)  # a gated load: no read past n
 
     C = C[i, j].set(0.0)
     C = C[i, j].set(C.after(k)[i, j] + A[i, k] * B[jo, k, ji], end=k)  # the sum over K, in registers
-    C = C[i, j].set(kernel_epilogue(C[i, j] + upto_n(bias[j]), relu, upto_n(res[0][i, j]) if res else None))
+    C = C[i, j].set(kernel_epilogue(C[i, j] + bias[j], relu, upto_n(res[0][i, j]) if res else None))
     rows, channels = product_tile(M, N)
     sizes = (N // P, M, P) if outer else (M, N // P, P)
     cores = split(sizes, (ri, rows), (rjo, 1)) if worth_splitting(M * N * K) else ()  # rows, else column blocks

@@ -14,10 +14,9 @@ Channels-last throughout, as in layers.py.
 """
 from __future__ import annotations
 
-import functools
-
 from tinygrad import Tensor
 
+from . import csource
 from .kernels import attend_kernel, conv_kernel, depthwise_kernel, frame_kernel, gemm_kernel
 from .pack import is_product, padded_stem
 
@@ -33,7 +32,7 @@ def product(x: Tensor, w: Tensor, bias: Tensor, n: int, relu: bool = False, resi
     padded = w.shape[0] * w.shape[2]
     out = Tensor.empty(x.shape[0], padded, device=x.device, dtype=x.dtype)
     res = () if residual is None else (residual,)
-    y = out.custom_kernel(x, w, bias, *res, fxn=functools.partial(gemm_kernel, relu=relu))[0]
+    y = out.custom_kernel(x, w, bias, *res, fxn=csource.fxn(gemm_kernel, relu=relu))[0]
     return y if padded == n else y[:, :n]  # the padding columns dropped
 
 
@@ -48,8 +47,8 @@ def window_kernel(kernel, x: Tensor, w: Tensor, bias: Tensor, cout: int, k: int,
     framed = int(layout.get("framed_out", False))
     out = Tensor.empty(B, Ho + 2 * framed, Wo + 2 * framed, cout, device=x.device, dtype=x.dtype)
     if framed:  # the frame's zeros first (only the frame: zeroing it all cost 3 ms of S1's stem at batch 16)
-        out = out.custom_kernel(fxn=frame_kernel)[0]
-    fxn = functools.partial(kernel, k=k, stride=stride, padding=padding, relu=relu, **layout)
+        out = out.custom_kernel(fxn=csource.fxn(frame_kernel))[0]
+    fxn = csource.fxn(kernel, k=k, stride=stride, padding=padding, relu=relu, **layout)
     return out.custom_kernel(x, w, bias, fxn=fxn)[0]
 
 
@@ -126,7 +125,7 @@ class Lowered:
         scores = (q @ k.transpose(1, 2)).float() * a.scale  # (B, N, N)
         attn = scores.softmax(-1).cast(x.dtype).contiguous()
         out = Tensor.empty(B, H * W, a.pdim, device=x.device, dtype=x.dtype)
-        x1 = out.custom_kernel(attn, qkv, fxn=functools.partial(attend_kernel, offset=2 * a.qk_dim))[0]
+        x1 = out.custom_kernel(attn, qkv, fxn=csource.fxn(attend_kernel, offset=2 * a.qk_dim))[0]
         y = x1.reshape(B, H, W, a.pdim)
         y = y.cat(x2, dim=-1) if x2.shape[-1] else y  # (B, H, W, C)
         return self(a.proj[1], y.relu(), relu, residual)  # proj: ReLU, then 1x1 ConvBN C -> C

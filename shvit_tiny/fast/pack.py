@@ -79,7 +79,7 @@ def host(t) -> np.ndarray:
 
 
 def kernel_weights(model) -> dict[int, tuple]:
-    """id(layer) -> (weight as its kernel reads it, bias or zeros) for every Conv2d and Linear of
+    """id(layer) -> (weight as its kernel reads it, bias or zeros, both padded as the kernel computes) for every Conv2d and Linear of
     ``model`` (float32 on the CPU device), as realised device Tensors."""
     from ..layers import Conv2d, Linear
     from ..model import device_tensor
@@ -93,6 +93,8 @@ def kernel_weights(model) -> dict[int, tuple]:
             cout, cin = stem[id(layer)]
             w = np.pad(w, ((0, cout - n), (0, cin - w.shape[1]), (0, 0), (0, 0)))
             bias = np.pad(bias, (0, cout - n))
+        elif w.ndim == 2 or is_product(layer):  # a product's bias: zeros for its padded columns
+            bias = np.pad(bias, (0, padded_columns(n) - n))
         out[id(layer)] = (device_tensor(layout(layer, w), model.device), device_tensor(bias, model.device))
     return out
 
