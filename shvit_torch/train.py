@@ -490,7 +490,10 @@ def main(argv=None) -> int:
     elif "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("WORLD_SIZE", "1"))))
     try:
-        return run_training(PROG, lambda: train(args), "interrupted; --resume continues from the last complete epoch")
+        code = run_training(PROG, lambda: train(args), "interrupted; --resume continues from the last complete epoch")
+        if code == 0 and dist.is_initialized():  # every rank done before any closes its connections: gloo aborted
+            dist.barrier()  # a rank still closing when the other had gone ("terminate called without an active exception")
+        return code
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
