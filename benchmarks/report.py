@@ -7,6 +7,7 @@ from shvit_numpy.config import RESOLUTION
 
 from .machine import one_line
 from .runners import RUNTIMES
+from .worker import SETTLE_S
 
 # The paper's A100 throughput (images/s, batch 256, float16); see /work/shared/spec/shvit.md.
 PAPER_A100 = {"s1": 33_489, "s2": 26_878, "s3": 20_522, "s4": 14_283}
@@ -325,7 +326,9 @@ def markdown(result: dict) -> str:
                      "multi-thread ones most (a thread waiting at a barrier for a descheduled peer). Re-run on a quiet machine."
                      if busy else " (quiet)."), ""]
     if result["speed"]:
-        lines += [f"Method: {s['rounds']} rounds interleaved in one process per thread setting (the order rotates each round), "
+        lines += [f"Method: {s['rounds']} rounds interleaved in one process per thread setting (the order rotates each round; "
+                  f"on several cores each runtime's turn starts after a {SETTLE_S} s pause, in which the threads the runtime "
+                  "before left busy-waiting go to sleep), "
                   f"each runtime's first (compiling) call and {s['warmup']} more warm-up call(s) untimed, "
                   f"rounds of at least {s['min_round_s']} s; median (min–max over rounds). Random weights and BatchNorm statistics. "
                   "Input: a float32 NCHW numpy batch; output: logits (numpy on CPU). One core = the process pinned to one CPU with "

@@ -11,7 +11,8 @@ Two modes:
   (its first call compiles, where it compiles; the next ``warmup`` calls settle caches and
   capture tinygrad's JIT, and the last of them tells how many calls make one round last at
   least ``min_round_s``), then run ``rounds`` rounds in
-  which every runtime takes its turn (the order rotates each round). A sample is one round's
+  which every runtime takes its turn (the order rotates each round; with several threads, after
+  a pause of ``SETTLE_S`` in which the last runtime's spinning threads go to sleep). A sample is one round's
   time per call; the result is the median and the min-max of the samples. Interleaving means
   a noisy moment on a shared machine hits every runtime, not one.
 * ``memory``: one runtime, one model, one batch size, in this fresh process: the resident set
@@ -62,8 +63,19 @@ def summary(samples):
     return {"median": statistics.median(samples), "min": min(samples), "max": max(samples)}
 
 
-def time_batch(runners, x, rounds: int, warmup: int, min_round_s: float):
-    """Interleaved rounds over every runner for one input batch; failures are reported, not raised."""
+# Several threads: a pause before each runtime's turn. Libraries keep their worker threads
+# busy-waiting for a while after a call (OpenBLAS's for ~0.1 s, OpenMP's and ONNX Runtime's
+# briefly) so the next call starts at once; in one process shared by ten runtimes those threads
+# took the cores from whichever runtime came next, a thing no user running one of them sees.
+# Measured (S1 at 224, batch 16, two cores of the Xeon, all ten runtimes, 2026-12-03): shvit_tiny
+# 362 img/s with no pause, 410 with 0.3 s; ONNX Runtime 505 and 525; the others within 5%.
+# One core (one thread per library) has no such threads: no pause.
+SETTLE_S = 0.15
+
+
+def time_batch(runners, x, rounds: int, warmup: int, min_round_s: float, settle_s: float = 0.0):
+    """Interleaved rounds over every runner for one input batch; failures are reported, not raised.
+    ``settle_s``: a pause before each runtime's turn (several threads: see ``SETTLE_S``)."""
     import gc
     import math
 
@@ -90,6 +102,7 @@ def time_batch(runners, x, rounds: int, warmup: int, min_round_s: float):
     for r in range(rounds):
         for key in keys[r % len(keys):] + keys[:r % len(keys)]:
             n = reps[key]
+            time.sleep(settle_s)  # the runtime before may still have threads spinning on the cores
             t0 = time.perf_counter()
             for _ in range(n):
                 calls[key]()
@@ -135,7 +148,8 @@ def speed(spec, out_path) -> dict:
                 continue
             x = rng.standard_normal((batch, 3, res, res)).astype(np.float32)
             t0 = time.perf_counter()
-            results, failed = time_batch(keep, x, spec["rounds"], spec["warmup"], spec["min_round_s"])
+            results, failed = time_batch(keep, x, spec["rounds"], spec["warmup"], spec["min_round_s"],
+                                         SETTLE_S if threads > 1 and len(keep) > 1 else 0.0)
             skipped += [{"runtime": k, "where": f"{where}, {v}", "reason": r} for k, r in failed.items()]
             for k, r in results.items():
                 rows.append({"runtime": k, "variant": v, "resolution": res, "batch": batch, "threads": threads,
