@@ -115,7 +115,9 @@ def signature(name: str, n_buffers: int, split: bool) -> str:
 
 def program(name: str, body: str, params: tuple[UOp, ...], where, estimates: Estimates) -> UOp:
     """A PROGRAM tinygrad compiles as it is: (SINK with the KernelInfo, LINEAR with the parameters
-    in order, SOURCE); launched as ``where[1]`` core slices when split (a ``core_id`` parameter last)."""
+    in order, SOURCE); launched as ``where[1]`` core slices when split (a ``core_id`` parameter last).
+    ``body``: the kernel's C, ``KERNEL(`` where the function's signature goes (buffers d0, d1, ...,
+    then ``core``), as tinygrad's CPU runtime calls it."""
     bufs = [p.src[0] if p.op is Ops.RESHAPE else p for p in params]  # the flat PARAMs custom_kernel made
     slices = 1 if where is None else where[1]
     core = () if slices == 1 else (UOp.param(len(bufs), dtypes.int, (), vmin_vmax=(0, slices - 1), multiple_of=1,
