@@ -130,6 +130,20 @@ def program(name: str, body: str, params: tuple[UOp, ...], where, estimates: Est
     return UOp(Ops.PROGRAM, src=(sink, UOp(Ops.LINEAR, src=(*bufs, *core)), UOp(Ops.SOURCE, arg=src)), arg=info)
 
 
+def register_tile(acc: str, vw: int, rows: int, nv: int, k: str, K: int, column, row) -> str:
+    """A product's sum over ``k`` < K into a register tile of ``rows`` x ``nv`` vectors, named
+    ``acc{r}_{v}``: from 0, + row(r) * column(v) for k = 0, 1, ... in order. ``column(v)``: the
+    address of vector v's floats at this k (one load a step, shared by the rows); ``row(r)``: row
+    r's one float at this k (broadcast over the vector)."""
+    f = vtype(vw)
+    s = "".join(f"    {f} {acc}{r}_{v} = {zero(vw)};\n" for r in range(rows) for v in range(nv))
+    s += f"    for (int {k} = 0; {k} < {K}; {k}++) {{\n"
+    s += "".join(f"      const {f} w{v} = {load(vw, column(v))};\n" for v in range(nv))
+    s += "".join(f"      const float x{r} = {row(r)};\n" for r in range(rows))
+    s += "".join(f"      {acc}{r}_{v} = {acc}{r}_{v} + x{r} * w{v};\n" for r in range(rows) for v in range(nv))
+    return s + "    }\n"
+
+
 def epilogue(acc: str, bias: str, relu: bool, residual: str | None) -> str:
     """kernels.kernel_epilogue in C: (acc + bias), ReLU, + residual."""
     y = f"{acc} + {bias}"
@@ -158,12 +172,7 @@ def gemm_kernel_c(C: UOp, A: UOp, B: UOp, bias: UOp, *res: UOp, relu: bool = Fal
     s += "".join(loops[x] for x in (("jo", "i") if outer else ("i", "jo")))
     s += f"  for (int jt = 0; jt < {P}; jt += {T}) {{\n"
     s += f"    const float *a = d1 + i * {K}, *b = d2 + jo * {K * P} + jt;\n    const int j = jo * {P} + jt;\n"
-    s += "".join(f"    {f} c{r}_{v} = {zero(vw)};\n" for r in range(rows) for v in range(nv))
-    s += f"    for (int k = 0; k < {K}; k++) {{\n"
-    s += "".join(f"      const {f} b{v} = {load(vw, f'b + k * {P} + {v * vw}')};\n" for v in range(nv))
-    s += "".join(f"      const float a{r} = a[{r * K} + k];\n" for r in range(rows))
-    s += "".join(f"      c{r}_{v} = c{r}_{v} + a{r} * b{v};\n" for r in range(rows) for v in range(nv))
-    s += "    }\n"
+    s += register_tile("c", vw, rows, nv, "k", K, lambda v: f"b + k * {P} + {v * vw}", lambda r: f"a[{r * K} + k]")
     s += "".join(f"    const {f} bias{v} = {load(vw, f'd3 + j + {v * vw}')};\n" for v in range(nv))
     for r in range(rows):
         for v in range(nv):
@@ -184,17 +193,11 @@ def attend_kernel_c(O: UOp, A: UOp, QKV: UOp, offset: int) -> UOp:
     T = math.prod(channels)
     vw, nv = lanes(T)
     where = split_range((Bt, N, P), (0, 1), (1, rows)) if kernels.worth_splitting(Bt * N * N * P) else None
-    f = vtype(vw)
     s = prelude(vw) + "KERNEL( {\n" + slice_bounds("b", Bt, where, 0) + slice_bounds("i", N, where, 1)
     s += f"  for (int b = b_lo; b < b_hi; b++)\n  for (int i = i_lo; i < i_hi; i += {rows})\n"
     s += f"  for (int c = 0; c < {P}; c += {T}) {{\n"
     s += f"    const float *a = d1 + (b * {N} + i) * {N}, *val = d2 + b * {N * D} + {offset} + c;\n"
-    s += "".join(f"    {f} o{r}_{v} = {zero(vw)};\n" for r in range(rows) for v in range(nv))
-    s += f"    for (int j = 0; j < {N}; j++) {{\n"
-    s += "".join(f"      const {f} v{v} = {load(vw, f'val + j * {D} + {v * vw}')};\n" for v in range(nv))
-    s += "".join(f"      const float a{r} = a[{r * N} + j];\n" for r in range(rows))
-    s += "".join(f"      o{r}_{v} = o{r}_{v} + a{r} * v{v};\n" for r in range(rows) for v in range(nv))
-    s += "    }\n"
+    s += register_tile("o", vw, rows, nv, "j", N, lambda v: f"val + j * {D} + {v * vw}", lambda r: f"a[{r * N} + j]")
     s += "".join("    " + store(vw, f"d0 + (b * {N} + i + {r}) * {P} + c + {v * vw}", f"o{r}_{v}") + "\n"
                  for r in range(rows) for v in range(nv))
     s += "  }\n}\n"
