@@ -5,8 +5,8 @@ through its graph rewrites: with a register tile of 8 x 32 unrolled that is ~1 s
 S1 has 30 of them (19 of the 23 s of its first call on one core, a Xeon). The C tinygrad renders
 from them is plain: loops over output tiles, a vector accumulator per tile row and 16 columns, the
 sum over the reduction in order, the epilogue, the store. This module writes that C itself, the
-same loops, register tiles (kernels.product_tile, conv_channel_tile, pixel_tile), slices across
-cores (kernels.split_range) and order of every sum, and hands it to tinygrad as a program ready
+same loops, register tiles and slices across cores (kernels.py's ``*_plan``, which its UOp
+kernels follow too) and order of every sum, and hands it to tinygrad as a program ready
 to compile (a PROGRAM holding its SOURCE): clang alone takes ~0.1 s a kernel.
 
 Same answers, bit for bit: each output element is the same sum in the same order (0, then
@@ -27,19 +27,18 @@ from tinygrad import Device, dtypes
 from tinygrad.renderer import Estimates
 from tinygrad.uop.ops import AddrSpace, KernelInfo, Ops, ProgramInfo, UOp
 
-from . import kernels, switched_off
+from . import switched_off
 from .kernels import (
     attend_kernel,
+    attend_plan,
     columns_outer,
-    conv_channel_tile,
     conv_kernel,
+    conv_plan,
     depthwise_kernel,
+    depthwise_plan,
     frame_kernel,
     gemm_kernel,
-    pixel_tile,
-    product_tile,
-    split_range,
-    tile,
+    gemm_plan,
 )
 from .target import wide_vectors_asked
 
@@ -160,12 +159,10 @@ def gemm_kernel_c(C: UOp, A: UOp, B: UOp, bias: UOp, *res: UOp, relu: bool = Fal
     P, K = B.shape[2], A.shape[1]
     n = res[0].shape[1] if res else N  # the residual's width (C and the bias are padded to N)
     outer = columns_outer(M, N, K)
-    rows, channels = product_tile(M, N)
-    T = math.prod(channels)
+    plan = gemm_plan(M, N, K, P)
+    rows, where, T = plan.rows, plan.where, math.prod(plan.channels)
     vw, nv = lanes(T)
     ri, rjo = (1, 0) if outer else (0, 1)
-    sizes = (N // P, M, P) if outer else (M, N // P, P)
-    where = split_range(sizes, (ri, rows), (rjo, 1)) if kernels.worth_splitting(M * N * K) else None
     f = vtype(vw)
     loops = {"i": f"  for (int i = i_lo; i < i_hi; i += {rows})\n", "jo": "  for (int jo = jo_lo; jo < jo_hi; jo++)\n"}
     s = prelude(vw) + "KERNEL( {\n" + slice_bounds("i", M, where, ri) + slice_bounds("jo", N // P, where, rjo)
@@ -189,10 +186,9 @@ def attend_kernel_c(O: UOp, A: UOp, QKV: UOp, offset: int) -> UOp:
     """kernels.attend_kernel: O[b, i, c] = sum over j of A[b, i, j] * QKV[b, j, offset + c]."""
     Bt, N, P = O.shape
     D = QKV.shape[2]
-    rows, channels = product_tile(N, P)
-    T = math.prod(channels)
+    plan = attend_plan(Bt, N, P)
+    rows, where, T = plan.rows, plan.where, math.prod(plan.channels)
     vw, nv = lanes(T)
-    where = split_range((Bt, N, P), (0, 1), (1, rows)) if kernels.worth_splitting(Bt * N * N * P) else None
     s = prelude(vw) + "KERNEL( {\n" + slice_bounds("b", Bt, where, 0) + slice_bounds("i", N, where, 1)
     s += f"  for (int b = b_lo; b < b_hi; b++)\n  for (int i = i_lo; i < i_hi; i += {rows})\n"
     s += f"  for (int c = 0; c < {P}; c += {T}) {{\n"
@@ -212,10 +208,9 @@ def conv_kernel_c(O: UOp, X: UOp, Wm: UOp, bias: UOp, k: int, stride: int, paddi
     fo = int(framed_out)
     Ho, Wo = Hout - 2 * fo, Wout - 2 * fo
     C, H, W = (X.shape[1], *X.shape[2:]) if channels_first else (X.shape[3], *X.shape[1:3])
-    T = math.prod(conv_channel_tile(N))
+    plan = conv_plan(B, Ho, Wo, N, k, C)
+    ty, tx, where, T = plan.rows, plan.cols, plan.where, math.prod(plan.channels)
     vw, nv = lanes(T)
-    ty, tx = pixel_tile(Ho, Wo, N)
-    where = split_range((B, Ho, Wo, N), (0, 1), (1, ty)) if kernels.worth_splitting(B * Ho * Wo * N * k * k * C) else None
     f = vtype(vw)
     s = prelude(vw) + "KERNEL( {\n" + slice_bounds("b", B, where, 0) + slice_bounds("y", Ho, where, 1)
     s += (f"  for (int b = b_lo; b < b_hi; b++)\n  for (int y = y_lo; y < y_hi; y += {ty})\n"
@@ -272,9 +267,9 @@ def depthwise_kernel_c(O: UOp, X: UOp, Wt: UOp, bias: UOp, k: int, stride: int, 
     """kernels.depthwise_kernel: bias, then + tap * weight for each of the k*k taps in order."""
     B, Ho, Wo, C = O.shape
     H, W = X.shape[1:3]
-    T = tile(C, (16, 8, 4, 2, 1))
+    plan = depthwise_plan(B, Ho, Wo, C, k)
+    where, T = plan.where, plan.channels[0]
     vw, nv = lanes(T)
-    where = split_range((B, Ho, Wo, C), (0, 1), (1, 1)) if kernels.worth_splitting(B * Ho * Wo * C * k * k) else None
     f = vtype(vw)
     s = prelude(vw) + "KERNEL( {\n" + slice_bounds("b", B, where, 0) + slice_bounds("y", Ho, where, 1)
     s += (f"  for (int b = b_lo; b < b_hi; b++)\n  for (int y = y_lo; y < y_hi; y++)\n"

@@ -18,6 +18,8 @@ kernel's ``KernelInfo``.
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 from tinygrad import UOp
 from tinygrad.codegen.opt import Opt, OptOps
 from tinygrad.uop.ops import AxisType, KernelInfo
@@ -83,18 +85,67 @@ def split_range(sizes: tuple[int, ...], *range_tile) -> tuple[int, int] | None:
     return None
 
 
-def split(sizes: tuple[int, ...], *range_tile) -> tuple:
-    """``split_range`` as tinygrad's THREAD opt, which comes first among the opts, so the ranges
-    keep their numbers; () where the kernel is not cut."""
-    if (where := split_range(sizes, *range_tile)) is None:
+def split(plan: Plan) -> tuple:
+    """A plan's cut across cores as tinygrad's THREAD opt, which comes first among the opts, so the
+    ranges keep their numbers; () where the kernel is not cut."""
+    if plan.where is None:
         return ()
-    r, n = where
-    return (Opt(OptOps.THREAD, sum(s > 1 for s in sizes[:r]), n),)
+    r, n = plan.where
+    return (Opt(OptOps.THREAD, sum(s > 1 for s in plan.sizes[:r]), n),)
 
 
 def worth_splitting(macs: int) -> bool:
     """~32K multiply-adds a core at least (4 slices a core): a kernel starts only when the one before is done."""
     return macs >= num_cpu_threads() * (8 << 10)
+
+
+def cut(sizes: tuple[int, ...], macs: int, *range_tile) -> tuple[int, int] | None:
+    """``split_range`` where the kernel is ``worth_splitting`` (``macs`` multiply-adds), else None."""
+    return split_range(sizes, *range_tile) if worth_splitting(macs) else None
+
+
+class Plan(NamedTuple):
+    """How a kernel runs: its output ranges in loop order, its register tile and its cut across
+    cores. kernels.py's UOp kernels and csource.py's C both follow the same plan (``*_plan``), so
+    the two paths cannot drift apart in tiles or slices, which their answers would not show."""
+
+    sizes: tuple[int, ...]  # the output's ranges, outermost first
+    channels: tuple  # the channel upcasts: their product is the channels a tile holds
+    rows: int = 1  # a product's (or attention's) tile rows; a convolution's pixel rows
+    cols: int = 1  # a convolution's pixel columns
+    where: tuple[int, int] | None = None  # (range, slices) it is cut into (split_range); None: whole
+
+
+def gemm_plan(M: int, N: int, K: int, P: int) -> Plan:
+    """(M, K) @ (K, N), weights in blocks of P columns: rows then column blocks (``columns_outer``:
+    the reverse), tiled by ``product_tile``, cut by rows, else by column blocks."""
+    outer = columns_outer(M, N, K)
+    ri, rjo = (1, 0) if outer else (0, 1)
+    rows, channels = product_tile(M, N)
+    sizes = (N // P, M, P) if outer else (M, N // P, P)
+    return Plan(sizes, channels, rows, where=cut(sizes, M * N * K, (ri, rows), (rjo, 1)))
+
+
+def attend_plan(Bt: int, N: int, P: int) -> Plan:
+    """Bt images of (N, N) @ (N, P): tiled as a product, cut by images, else by queries."""
+    rows, channels = product_tile(N, P)
+    sizes = (Bt, N, P)
+    return Plan(sizes, channels, rows, where=cut(sizes, Bt * N * N * P, (0, 1), (1, rows)))
+
+
+def conv_plan(B: int, Ho: int, Wo: int, N: int, k: int, C: int) -> Plan:
+    """A dense k x k convolution to (B, Ho, Wo, N) from C channels: pixel tiles x channel tiles,
+    cut by images, else by rows."""
+    ty, tx = pixel_tile(Ho, Wo, N)
+    sizes = (B, Ho, Wo, N)
+    return Plan(sizes, conv_channel_tile(N), ty, tx, cut(sizes, B * Ho * Wo * N * k * k * C, (0, 1), (1, ty)))
+
+
+def depthwise_plan(B: int, Ho: int, Wo: int, C: int, k: int) -> Plan:
+    """A depthwise k x k convolution to (B, Ho, Wo, C): 16 channels a tile (or what divides C), cut
+    by images, else by rows."""
+    sizes = (B, Ho, Wo, C)
+    return Plan(sizes, (tile(C, (16, 8, 4, 2, 1)),), where=cut(sizes, B * Ho * Wo * C * k * k, (0, 1), (1, 1)))
 
 
 def channel_upcasts(sizes: tuple[int, ...], r: int, amounts: tuple) -> tuple:
@@ -141,10 +192,8 @@ def gemm_kernel(C: UOp, A: UOp, B: UOp, bias: UOp, *res: UOp, relu: bool = False
     C = C[i, j].set(0.0)
     C = C[i, j].set(C.after(k)[i, j] + A[i, k] * B[jo, k, ji], end=k)  # the sum over K, in registers
     C = C[i, j].set(kernel_epilogue(C[i, j] + bias[j], relu, upto_n(res[0][i, j]) if res else None))
-    rows, channels = product_tile(M, N)
-    sizes = (N // P, M, P) if outer else (M, N // P, P)
-    cores = split(sizes, (ri, rows), (rjo, 1)) if worth_splitting(M * N * K) else ()  # rows, else column blocks
-    opts = cores + channel_upcasts(sizes, 2, channels) + upcasts(sizes, (ri, rows))  # channel tiles divide P (both from N's factors of 2)
+    plan = gemm_plan(M, N, K, P)
+    opts = split(plan) + channel_upcasts(plan.sizes, 2, plan.channels) + upcasts(plan.sizes, (ri, plan.rows))  # channel tiles divide P
     return C.end(*((jo, i) if outer else (i, jo)), ji).sink(arg=KernelInfo(name=f"gemm_{M}_{N}_{K}", opts_to_apply=opts))
 
 
@@ -158,10 +207,8 @@ def attend_kernel(O: UOp, A: UOp, QKV: UOp, offset: int) -> UOp:
     j = UOp.range(N, 3, axis_type=AxisType.REDUCE)
     O = O[b, i, c].set(0.0)
     O = O[b, i, c].set(O.after(j)[b, i, c] + A[b, i, j] * QKV[b, j, offset + c], end=j)
-    rows, channels = product_tile(N, P)
-    sizes = (Bt, N, P)
-    cores = split(sizes, (0, 1), (1, rows)) if worth_splitting(Bt * N * N * P) else ()  # images, else queries
-    opts = cores + channel_upcasts(sizes, 2, channels) + upcasts(sizes, (1, rows))
+    plan = attend_plan(Bt, N, P)
+    opts = split(plan) + channel_upcasts(plan.sizes, 2, plan.channels) + upcasts(plan.sizes, (1, plan.rows))
     return O.end(b, i, c).sink(arg=KernelInfo(name=f"attend_{N}_{P}", opts_to_apply=opts))
 
 
@@ -212,10 +259,8 @@ def conv_kernel(O: UOp, X: UOp, Wm: UOp, bias: UOp, k: int, stride: int, padding
     O = O[b, y + f, x + f, n].set(0.0)
     O = O[b, y + f, x + f, n].set(O.after(ky, kx, c)[b, y + f, x + f, n] + tap * Wm[(ky * k + kx) * C + c, n], end=(ky, kx, c))
     O = O[b, y + f, x + f, n].set(kernel_epilogue(O[b, y + f, x + f, n] + bias[n], relu, None))
-    ty, tx = pixel_tile(Ho, Wo, N)
-    sizes = (B, Ho, Wo, N)
-    cores = split(sizes, (0, 1), (1, ty)) if worth_splitting(B * Ho * Wo * N * k * k * C) else ()  # images, else rows
-    opts = cores + channel_upcasts(sizes, 3, conv_channel_tile(N)) + upcasts(sizes, (2, tx), (1, ty))
+    plan = conv_plan(B, Ho, Wo, N, k, C)
+    opts = split(plan) + channel_upcasts(plan.sizes, 3, plan.channels) + upcasts(plan.sizes, (2, plan.cols), (1, plan.rows))
     return O.end(b, y, x, n).sink(arg=KernelInfo(name=f"conv{k}s{stride}_{Ho}_{Wo}_{N}_{C}", opts_to_apply=opts))
 
 
@@ -240,8 +285,7 @@ def depthwise_kernel(O: UOp, X: UOp, Wt: UOp, bias: UOp, k: int, stride: int, pa
     for ky in range(k):
         for kx in range(k):
             acc = acc + padded_load(X, b, stride * y + (ky - padding), stride * x + (kx - padding), c) * Wt[ky * k + kx, c]
-    sizes = (B, Ho, Wo, C)
-    cores = split(sizes, (0, 1), (1, 1)) if worth_splitting(B * Ho * Wo * C * k * k) else ()  # images, else rows
-    opts = cores + upcasts(sizes, (3, tile(C, (16, 8, 4, 2, 1))))
+    plan = depthwise_plan(B, Ho, Wo, C, k)
+    opts = split(plan) + upcasts(plan.sizes, (3, plan.channels[0]))
     out = O[b, y, x, c].store(kernel_epilogue(acc, relu, None))
     return out.end(b, y, x, c).sink(arg=KernelInfo(name=f"dw{k}s{stride}_{Ho}_{Wo}_{C}", opts_to_apply=opts))
