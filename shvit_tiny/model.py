@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import threading
 
 import numpy as np
 from tinygrad import Tensor, TinyJit, dtypes
@@ -58,6 +59,7 @@ class SHViT(Module):
         self.threads = None  # the CPU fast path's cores (fast/parallel.py); None: tinygrad's NUM_CPU_THREADS
         self._jits: dict[tuple, TinyJit] = {}  # the reference path's captures, one per input
         self.runner = None  # the fast path's captures and kernels' weights (fast/runner.py)
+        self._calling = threading.Lock()  # a capture's input and output buffers are shared: one call at a time
 
     def children(self):
         yield from ((k, v) for k, v in super().children() if v is not None)
@@ -145,6 +147,10 @@ class SHViT(Module):
             check_input(x.shape, np.dtype(x.dtype.fmt).name if x.dtype.fmt else str(x.dtype), self.config.in_chans)
         else:
             check_array(x, self.config.in_chans)
+        with self._calling:  # two threads' batches in one input buffer would answer one of them twice
+            return self._call(x, jit)
+
+    def _call(self, x, jit: bool):
         if fast.applies(self):  # the CPU kernels, their replay and the compiled-model cache
             return fast.run(self, x, jit)
         t = x.to(self.device) if isinstance(x, Tensor) else Tensor(np.ascontiguousarray(x), device=self.device)

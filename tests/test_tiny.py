@@ -122,8 +122,8 @@ def test_kernels_split_across_cores_answer_bit_for_bit_as_one_core(small, tiny_c
     """fast/parallel.py: kernels compiled split across 2 cores (tinygrad's THREAD opt, asked by
     kernels.py for the fast path's own kernels: here for every one whose images divide, however
     small), their slices run at once by pool.c's threads, answer bit for bit what one core does;
-    so do the same slices called from Python one by one (no C compiler), and four Python threads
-    replaying one model at once."""
+    so do the same slices called from Python one by one (no C compiler); four Python threads calling
+    one model at once with two batches each get their own batch's answer (SHViT.__call__'s lock)."""
     import concurrent.futures
 
     from shvit_tiny.fast import kernels, parallel
@@ -141,9 +141,9 @@ def test_kernels_split_across_cores_answer_bit_for_bit_as_one_core(small, tiny_c
     other = m(X[::-1].copy())  # another input first: a slice left uncomputed would keep its values
     np.testing.assert_array_equal(m(X), want, err_msg="2 threads")
     np.testing.assert_array_equal(other, want[::-1], err_msg="2 threads, images reversed")
-    with concurrent.futures.ThreadPoolExecutor(4) as ex:  # one pool, four callers: one replay at a time
-        for i, y in enumerate(ex.map(lambda _: m(X), range(8))):
-            np.testing.assert_array_equal(y, want, err_msg=f"concurrent call {i}")
+    with concurrent.futures.ThreadPoolExecutor(4) as ex:  # four callers, two batches: each gets its own answer
+        for i, y in enumerate(ex.map(lambda i: m(X[::-1] if i % 2 else X), range(8))):
+            np.testing.assert_array_equal(y, want[::-1] if i % 2 else want, err_msg=f"concurrent call {i}")
     monkeypatch.setattr(parallel, "library", lambda: None)
     slow = cpu_replay(m.runner.jits[(X.shape, m.dtype, "CPU")], "CPU", X.shape, m.dtype, 2)
     assert slow.array is None and len(slow.calls) > len(slow.kernels)  # each slice its own ctypes call
