@@ -83,7 +83,7 @@ def test_avx512_compiles_use_sixteen_float_vectors():
     """On an AVX-512 CPU, compile_context asks clang for 512-bit vectors and the products get
     16-float accesses where the width allows; the values stay exact."""
     sources = kernel_sources("2", "fast")
-    assert "float16" in sources["gemm_64_32_24"]  # 16-column tiles
+    assert "float16" in sources["gemm_56_32_24"]  # 16-column tiles (64 rows: 56 in 14-row tiles, then 8)
     assert "float8" in sources["gemm_24_40_16"] and "float16" not in sources["gemm_24_40_16"]  # 40 = 5 x 8
     assert "float16" in sources["gemm_24_48_20"]  # 44 padded to 48 = 3 x 16
     assert "float8" not in sources["dw3s1_6_6_12"]
@@ -95,18 +95,21 @@ def row_tile_of(source: str, rows: int) -> int:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("dev, rows, rows_49, widest", [
-    (AVX2, 4, 7, "float8"),  # 4 x 16 tiles, 7 x 8 for 49 rows
-    pytest.param(None, 8, 7, "float16", marks=pytest.mark.skipif(not has_avx512(), reason="this CPU has no AVX-512")),
+@pytest.mark.parametrize("dev, tiles, parts, widest", [
+    (AVX2, {"gemm_64_32_24": (64, 4), "gemm_49_32_24": (49, 7)}, (), "float8"),  # 4 x 16 tiles, 7 x 8 for 49 rows
+    pytest.param(None, {"gemm_56_32_24": (56, 14), "gemm_42_32_24": (42, 14)}, ("gemm_8_32_24_at56", "gemm_7_32_24_at42"),
+                 "float16", marks=pytest.mark.skipif(not has_avx512(), reason="this CPU has no AVX-512")),
 ])
-def test_register_tiles_follow_the_target_cpu(dev, rows, rows_49, widest):
+def test_register_tiles_follow_the_target_cpu(dev, tiles, parts, widest):
     """The kernels are tiled for the CPU clang compiles for: DEV's (x86-64-v3 = AVX2, checked here
-    on whichever CPU this is) or this machine's; 49 rows (a 7x7 map at batch 1) get 7-row tiles."""
+    on whichever CPU this is) or this machine's. AVX2: 64 rows in 4-row tiles, 49 (a 7x7 map at
+    batch 1) in 7-row ones. AVX-512: 14-row tiles, the rows 14 does not divide in a kernel of their
+    own (kernels.row_parts: 64 = 56 + 8, 49 = 42 + 7); the values are checked in KERNEL_SCRIPT."""
     sources = kernel_sources("0", "fast", dev)
-    gemm, gemm_49 = sources["gemm_64_32_24"], sources["gemm_49_32_24"]
-    assert row_tile_of(gemm, 64) == rows and row_tile_of(gemm_49, 49) == rows_49
-    assert widest in gemm and (widest == "float16" or "float16" not in gemm)
-    assert widest in gemm_49 and (widest == "float16" or "float16" not in gemm_49)
+    for name, (rows, tile) in tiles.items():
+        assert row_tile_of(sources[name], rows) == tile, name
+        assert widest in sources[name] and (widest == "float16" or "float16" not in sources[name]), name
+    assert all(name in sources for name in parts), sorted(sources)
 
 
 IMPORT_SCRIPT = """
@@ -195,7 +198,7 @@ def test_no_compile_pool_of_one(monkeypatch):
 
 def twin_cases(rng):
     """One call per branch of csource.py (name, function of nothing -> the output Tensor): products
-    8 x 32 tiles, 16 rows, 7 rows, a residual with padded columns (with and without ReLU),
+    8 x 32 tiles, 16 rows, 7 rows, the 14-row part and the rest (AVX-512: 64 = 56 + 8, 49 = 42 + 7, 32 = 28 + 4), a residual with padded columns (with and without ReLU),
     columns outside rows, 4-float and scalar tiles; attention's sum with values at an unaligned
     offset; dense convolutions channels-first with a frame out, framed in, zero-padded at stride 1
     and 2 with 3-float-vector tiles; depthwise 16- and 4-channel tiles at stride 1 and 2."""

@@ -38,6 +38,7 @@ from .kernels import (
     depthwise_plan,
     frame_kernel,
     gemm_kernel,
+    gemm_name,
     gemm_plan,
 )
 from .target import wide_vectors_asked
@@ -152,33 +153,35 @@ def epilogue(acc: str, bias: str, relu: bool, residual: str | None) -> str:
 
 # ---- the kernels (each the C twin of kernels.py's function of the same name) -----------------------
 
-def gemm_kernel_c(C: UOp, A: UOp, B: UOp, bias: UOp, *res: UOp, relu: bool = False) -> UOp:
+def gemm_kernel_c(C: UOp, A: UOp, B: UOp, bias: UOp, *res: UOp, relu: bool = False, rows: tuple[int, int] | None = None) -> UOp:
     """kernels.gemm_kernel: C = A @ W + bias (then ReLU, + res[0]), W packed (N/P, K, P), the
-    residual (M, n) read as 0 past its n columns."""
-    M, N = C.shape
+    residual (M, n) read as 0 past its n columns; ``rows``: (first, count) of C's rows, None: all."""
+    first, M = rows or (0, C.shape[0])
+    N = C.shape[1]
     P, K = B.shape[2], A.shape[1]
     n = res[0].shape[1] if res else N  # the residual's width (C and the bias are padded to N)
     outer = columns_outer(M, N, K)
     plan = gemm_plan(M, N, K, P)
-    rows, where, T = plan.rows, plan.where, math.prod(plan.channels)
+    tile_rows, where, T = plan.rows, plan.where, math.prod(plan.channels)
     vw, nv = lanes(T)
     ri, rjo = (1, 0) if outer else (0, 1)
     f = vtype(vw)
-    loops = {"i": f"  for (int i = i_lo; i < i_hi; i += {rows})\n", "jo": "  for (int jo = jo_lo; jo < jo_hi; jo++)\n"}
+    at = f" + {first}" if first else ""  # a part's rows start at its first
+    loops = {"i": f"  for (int i = i_lo{at}; i < i_hi{at}; i += {tile_rows})\n", "jo": "  for (int jo = jo_lo; jo < jo_hi; jo++)\n"}
     s = prelude(vw) + "KERNEL( {\n" + slice_bounds("i", M, where, ri) + slice_bounds("jo", N // P, where, rjo)
     s += "".join(loops[x] for x in (("jo", "i") if outer else ("i", "jo")))
     s += f"  for (int jt = 0; jt < {P}; jt += {T}) {{\n"
     s += f"    const float *a = d1 + i * {K}, *b = d2 + jo * {K * P} + jt;\n    const int j = jo * {P} + jt;\n"
-    s += register_tile("c", vw, rows, nv, "k", K, lambda v: f"b + k * {P} + {v * vw}", lambda r: f"a[{r * K} + k]")
+    s += register_tile("c", vw, tile_rows, nv, "k", K, lambda v: f"b + k * {P} + {v * vw}", lambda r: f"a[{r * K} + k]")
     s += "".join(f"    const {f} bias{v} = {load(vw, f'd3 + j + {v * vw}')};\n" for v in range(nv))
-    for r in range(rows):
+    for r in range(tile_rows):
         for v in range(nv):
             at, rat = (f"(i + {r}) * {width} + j + {v * vw}" for width in (N, n))
             resid = None if not res else f"upto(d4 + {rat}, j + {v * vw}, {n})" if n != N else load(vw, f"d4 + {rat}")
             s += "    " + store(vw, f"d0 + {at}", epilogue(f"c{r}_{v}", f"bias{v}", relu, resid)) + "\n"
     s += "  }\n}\n"
     params = (C, A, B, bias, *res)
-    return program(f"gemm_{M}_{N}_{K}", s, params, where, Estimates(ops=2 * M * N * K, lds=4 * (M * K + K * N + M * N),
+    return program(gemm_name(first, M, N, K), s, params, where, Estimates(ops=2 * M * N * K, lds=4 * (M * K + K * N + M * N),
                                                                     mem=4 * (M * K + K * N + M * N)))
 
 

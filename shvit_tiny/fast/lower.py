@@ -17,7 +17,7 @@ from __future__ import annotations
 from tinygrad import Tensor
 
 from . import csource
-from .kernels import attend_kernel, conv_kernel, depthwise_kernel, frame_kernel, gemm_kernel
+from .kernels import attend_kernel, conv_kernel, depthwise_kernel, frame_kernel, gemm_kernel, row_parts
 from .pack import is_product, padded_stem
 
 
@@ -32,8 +32,9 @@ def product(x: Tensor, w: Tensor, bias: Tensor, n: int, relu: bool = False, resi
     padded = w.shape[0] * w.shape[2]
     out = Tensor.empty(x.shape[0], padded, device=x.device, dtype=x.dtype)
     res = () if residual is None else (residual,)
-    y = out.custom_kernel(x, w, bias, *res, fxn=csource.fxn(gemm_kernel, relu=relu))[0]
-    return y if padded == n else y[:, :n]  # the padding columns dropped
+    for rows in row_parts(x.shape[0]):  # one kernel, or 14-row tiles then the rows left over (kernels.row_parts)
+        out = out.custom_kernel(x, w, bias, *res, fxn=csource.fxn(gemm_kernel, relu=relu, rows=rows))[0]
+    return out if padded == n else out[:, :n]  # the padding columns dropped
 
 
 def window_kernel(kernel, x: Tensor, w: Tensor, bias: Tensor, cout: int, k: int, stride: int, padding: int,
