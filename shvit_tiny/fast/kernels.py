@@ -18,6 +18,7 @@ kernel's ``KernelInfo``.
 """
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 from tinygrad import UOp
@@ -43,16 +44,21 @@ def channel_tile(n: int) -> tuple:
     """Output channels a register tile holds: 16 (8, 4, ... where 16 does not divide), and 32 as
     two upcasts (16 then 2) while compiling for 512-bit vectors (compile.compile_context): 32
     registers of 16 floats hold 8 x 32 accumulators (2 x 16-float vectors per row); 256-bit
-    AVX2 has 16 registers and would spill them. Measured: products +20%, 3x3 convs +35%."""
+    AVX2 has 16 registers and would spill them. Measured: products +20%, 3x3 convs +35%. Counts
+    32 does not divide but 48 does (S4's 336, S3's stem 48): 48 as 16 then 3, three vectors a row
+    (S4's 1024 x 336 x 672 products 126 -> 146 GFLOPS on one core of a Xeon, 16-channel tiles
+    needing a load for each multiply-add)."""
     first = tile(n, (16, 8, 4, 2, 1))
-    return (first, 2) if wide_vectors_asked() and n % 32 == 0 else (first,)
+    if wide_vectors_asked() and n % 32 == 0:
+        return first, 2
+    return (first, 3) if wide_vectors_asked() and n % 48 == 0 else (first,)
 
 
 def product_tile(m: int, n: int) -> tuple[int, tuple]:
     """A product's register tile, (rows, channel upcasts), for the CPU clang compiles for.
 
     AVX-512 (32 registers): 14 rows x 32 channels where 14 divides m (28 accumulators, 2 vectors
-    of weights: 30 registers, no spill; S1's 784- and 3136-row products 140-149 -> 150-157
+    of weights: 30 registers, no spill; 8 rows for 48-channel tiles, 24 + 3; S1's 784- and 3136-row products 140-149 -> 150-157
     GFLOPS on one core of a Xeon, the whole model 2-3% faster at batch 1 and 16; ``row_parts``
     makes products of other row counts a part 14 divides and the rest), else up to 8
     rows, the largest row count up to 8 that divides m, so the 7x7 maps of stage 2 (m = 49 at
@@ -64,21 +70,23 @@ def product_tile(m: int, n: int) -> tuple[int, tuple]:
     if target_has_avx512():
         if m == 16 and n % 16 == 0:  # one pass over the weights (from memory at batch 1): S1 batch 1 +5%
             return 16, (16,)
-        return tile(m, (14, 8, 7, 6, 5, 4, 3, 2, 1)), channel_tile(n)
+        channels = channel_tile(n)
+        return tile(m, (14, 8, 7, 6, 5, 4, 3, 2, 1) if math.prod(channels) <= 32 else (8, 7, 6, 5, 4, 3, 2, 1)), channels
     if m % 4 == 0:
         return 4, channel_tile(n)
     rows = tile(m, (7, 6, 5, 3, 2, 1))
     return rows, channel_tile(n) if rows <= 2 else (tile(n, (8, 4, 2, 1)),)
 
 
-def row_parts(M: int) -> tuple[tuple[int, int], ...]:
+def row_parts(M: int, N: int) -> tuple[tuple[int, int], ...]:
     """A product's rows as (first row, rows) parts, each its own kernel. On AVX-512, where 14 does
     not divide M (S4's 4096, 1024 and 256 rows at batch 16, S1's 256; from 28 rows up): the
     first 14 * (M // 14) rows in 14-row tiles (``product_tile``), the M % 14 left over in a
     kernel of their own, whose tile is those rows (2 to 13). Measured on one core of a Xeon,
     8-row tiles against 14 on the same products: 4096 x 224 x 448 139 -> 147 GFLOPS, 1024 x 352 x
-    672 145 -> 155, 256 x 896 x 448 150 -> 159. Elsewhere one part, the whole product."""
-    if target_has_avx512() and M % 14 and M >= 28 and M != 16:
+    672 145 -> 155, 256 x 896 x 448 150 -> 159. Elsewhere (and for N's tiles of up to 8 rows) one
+    part, the whole product."""
+    if target_has_avx512() and M % 14 and M >= 28 and product_tile(M - M % 14, N)[0] == 14:
         return ((0, M - M % 14), (M - M % 14, M % 14))
     return ((0, M),)
 
@@ -151,7 +159,7 @@ def conv_plan(B: int, Ho: int, Wo: int, N: int, k: int, C: int) -> Plan:
     cut by images, else by rows."""
     ty, tx = pixel_tile(Ho, Wo, N)
     sizes = (B, Ho, Wo, N)
-    return Plan(sizes, conv_channel_tile(N), ty, tx, cut(sizes, B * Ho * Wo * N * k * k * C, (0, 1), (1, ty)))
+    return Plan(sizes, channel_tile(N), ty, tx, cut(sizes, B * Ho * Wo * N * k * k * C, (0, 1), (1, ty)))
 
 
 def depthwise_plan(B: int, Ho: int, Wo: int, C: int, k: int) -> Plan:
@@ -239,13 +247,6 @@ def padded_load(X: UOp, b: UOp, iy: UOp, ix: UOp, c: UOp, channels_first: bool =
     H, W = X.shape[2:] if channels_first else X.shape[1:3]
     inside = (iy >= 0) & (iy < H) & (ix >= 0) & (ix < W)
     return inside.where(X[b, c, iy, ix] if channels_first else X[b, iy, ix, c], 0.0)
-
-
-def conv_channel_tile(n: int) -> tuple:
-    """A dense convolution's output channels per tile: ``channel_tile``'s, or 48 (three 16-float
-    vectors: 8 pixels x 3 = 24 accumulators of 32 registers) for counts such as S3's 48 that 32
-    does not divide while compiling for 512-bit vectors."""
-    return (16, 3) if wide_vectors_asked() and n % 32 and n % 48 == 0 else channel_tile(n)
 
 
 def pixel_tile(Ho: int, Wo: int, N: int) -> tuple[int, int]:

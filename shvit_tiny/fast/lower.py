@@ -32,7 +32,7 @@ def product(x: Tensor, w: Tensor, bias: Tensor, n: int, relu: bool = False, resi
     padded = w.shape[0] * w.shape[2]
     out = Tensor.empty(x.shape[0], padded, device=x.device, dtype=x.dtype)
     res = () if residual is None else (residual,)
-    for rows in row_parts(x.shape[0]):  # one kernel, or 14-row tiles then the rows left over (kernels.row_parts)
+    for rows in row_parts(x.shape[0], padded):  # one kernel, or 14-row tiles then the rows left over (kernels.row_parts)
         out = out.custom_kernel(x, w, bias, *res, fxn=csource.fxn(gemm_kernel, relu=relu, rows=rows))[0]
     return out if padded == n else out[:, :n]  # the padding columns dropped
 

@@ -40,8 +40,9 @@ def padded_columns(n: int) -> int:
 
 
 def column_block(n: int) -> int:
-    """Columns per block of a packed product weight (n padded): 32 where they divide n, else 16."""
-    return tile(n, (32, 16, 8, 4, 2, 1))
+    """Columns per block of a packed product weight (n padded): 32 where they divide n, else 48
+    (kernels.channel_tile's three-vector tile), else 16, 8, ..."""
+    return tile(n, (32, 48, 16, 8, 4, 2, 1))
 
 
 def pack_columns(m: np.ndarray) -> np.ndarray:
