@@ -114,17 +114,19 @@ def test_register_tiles_follow_the_target_cpu(dev, tiles, parts, widest):
 
 IMPORT_SCRIPT = """
 import tinygrad.codegen as codegen
+import tinygrad.codegen.opt.heuristic as heuristic
 from tinygrad.engine import worker
-before = (codegen.memory_coalescing, worker._init_worker)
-import shvit_tiny, shvit_tiny.fast, shvit_tiny.fast.runner, shvit_tiny.fast.wide_vectors
-assert (codegen.memory_coalescing, worker._init_worker) == before, "importing shvit_tiny changed tinygrad"
+hooked = lambda: (codegen.memory_coalescing, heuristic.hand_coded_optimizations, worker._init_worker)
+before = hooked()
+import shvit_tiny, shvit_tiny.fast, shvit_tiny.fast.runner, shvit_tiny.fast.hooks
+assert hooked() == before, "importing shvit_tiny changed tinygrad"
 from shvit_tiny.fast.target import compile_context
-with compile_context("CPU"):
-    assert codegen.memory_coalescing is not before[0] and worker._init_worker is not before[1]
+with compile_context("CPU", 2):
+    assert all(now is not then for now, then in zip(hooked(), before))
     with compile_context("CPU"):  # nested: still on
         assert getattr(codegen.memory_coalescing, "shvit_wide", False)
-    assert getattr(codegen.memory_coalescing, "shvit_wide", False)
-assert (codegen.memory_coalescing, worker._init_worker) == before, "leaving the fast path left tinygrad changed"
+    assert getattr(codegen.memory_coalescing, "shvit_wide", False) and getattr(heuristic.hand_coded_optimizations, "shvit_split", False)
+assert hooked() == before, "leaving the fast path left tinygrad changed"
 print("UNTOUCHED")
 """
 
@@ -140,7 +142,7 @@ def test_another_tinygrad_runs_the_reference_path_and_says_so_once(monkeypatch, 
     """With a tinygrad other than the pinned one, nothing of the fast path runs (no kernels, no
     replay, no vector pass) and one line on stderr says why."""
     import shvit_tiny.fast as fast
-    from shvit_tiny.fast import replay, wide_vectors
+    from shvit_tiny.fast import hooks, replay
 
     monkeypatch.setattr(fast, "tinygrad_version", lambda: "0.99.0")
     monkeypatch.setattr(fast, "_SAID", set())
@@ -152,7 +154,7 @@ def test_another_tinygrad_runs_the_reference_path_and_says_so_once(monkeypatch, 
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "tinygrad 0.99.0 is not the pinned 0.14.0" in err[0] and "fast path is off" in err[0], err
     assert replay.cpu_replay(object(), "CPU", (1, 3, 8, 8), None) is None
-    with wide_vectors.active() as on:
+    with hooks.active() as on:
         assert on is False
     monkeypatch.setattr(fast, "tinygrad_version", lambda: fast.PINNED)
     monkeypatch.setenv("SHVIT_FAST", "0")

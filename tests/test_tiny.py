@@ -10,6 +10,8 @@ them run in one xdist worker (one process: compiled kernels are reused across te
 import numpy as np
 import pytest
 import torch
+import tinygrad.codegen
+import tinygrad.engine.realize
 from tinygrad import Tensor
 
 import shvit_tiny
@@ -121,22 +123,30 @@ def test_cpu_replay_is_the_jits_own_answer(tiny_cpu, monkeypatch):
 def test_kernels_split_across_cores_answer_bit_for_bit_as_one_core(small, tiny_cpu, monkeypatch):
     """fast/parallel.py: kernels compiled split across 2 cores (tinygrad's THREAD opt, asked by
     kernels.py for the fast path's own kernels: here for every one whose images divide, however
-    small), their slices run at once by pool.c's threads, answer bit for bit what one core does;
+    small, and tinygrad's own kernels, cut by generic_split.py), their slices run at once by
+    pool.c's threads, answer bit for bit what one core does;
     so do the same slices called from Python one by one (no C compiler); four Python threads calling
     one model at once with two batches each get their own batch's answer (SHViT.__call__'s lock)."""
     import concurrent.futures
 
-    from shvit_tiny.fast import kernels, parallel
+    from shvit_tiny.fast import generic_split, kernels, parallel, target
     from shvit_tiny.fast.replay import cpu_replay
 
     want = [tiny_cpu(X) for _ in range(2)][-1]  # one core (the fixture's threads=1), the second call: the replay
     assert {k[1] for k in tiny_cpu.runner.replays[X.shape].kernels} == {1}  # nothing split
     monkeypatch.setattr(kernels, "worth_splitting", lambda macs: True)
-    m = shvit_tiny.load(small[1], device="CPU", threads=2)
+    monkeypatch.setattr(generic_split, "SLICE_ELEMENTS", 16)  # read in this process (no compile workers)
+    monkeypatch.setattr(target, "compile_workers", lambda: 0)
+    programs = {}  # tinygrad keeps one program per kernel graph, split or not: here the 2-core ones are compiled anew
+    monkeypatch.setattr(tinygrad.codegen, "to_program_cache", programs)
+    monkeypatch.setattr(tinygrad.engine.realize, "to_program_cache", programs)
+    m = shvit_tiny.load(small[1], device="CPU", threads=2, cache=False)  # compiled here, with the settings above
     assert [m(X) for _ in range(2)] and m.runner.cores == 2
     replay = m.runner.replays[X.shape]
     split = {name.split("_")[0] for name, k in zip(jit_names(m, X), replay.kernels) if k[1] > 1}  # 2 to 8 slices
     assert {"conv3s2", "dw3s1", "gemm", "attend"} <= split, split
+    generic = [k[1] for name, k in zip(jit_names(m, X), replay.kernels) if not name.startswith(("gemm", "conv", "dw", "attend", "frame"))]
+    assert sum(n > 1 for n in generic) > len(generic) // 2, generic  # tinygrad's own, cut by fast/generic_split.py
     assert replay.array is not None and parallel.pool(2).threads == 2
     other = m(X[::-1].copy())  # another input first: a slice left uncomputed would keep its values
     np.testing.assert_array_equal(m(X), want, err_msg="2 threads")

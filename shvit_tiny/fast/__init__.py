@@ -12,7 +12,9 @@ cores answer bit for bit as one core):
                    tinygrad's UOp language with register tiles for the target CPU (target.py)
   pack.py          their weights, laid out on the host in the order the kernels read them
   lower.py         the model's layer tree run through those kernels, ReLU and residuals fused
-  wide_vectors.py  8- and 16-float loads and stores for those kernels, only while compiling
+  wide_vectors.py  8- and 16-float loads and stores for those kernels
+  generic_split.py tinygrad's own small kernels cut across cores too
+  hooks.py         those two passes in tinygrad's compiler, only while the fast path compiles
   replay.py        a TinyJit capture replayed as a flat list of C calls (CPU device)
   parallel.py      those calls on every core: pool.c's threads run each kernel's core slices at once
   cache.py         captures saved on disk, so a new process answers without compiling

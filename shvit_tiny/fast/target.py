@@ -13,7 +13,7 @@ import os
 import platform
 import subprocess
 
-from . import wide_vectors
+from . import hooks
 
 
 @functools.cache
@@ -100,7 +100,8 @@ def compile_context(device: str, cores: int | None = None):
     CPU device runs clang with ``-march=native``, yet on AVX-512 CPUs clang still prefers 256-bit
     vectors; there this asks it for 512-bit ones (tinygrad's own
     ``DEV=CPU:CLANG:x86_64,native,prefer-vector-width=512``), and wide_vectors.py, active only
-    inside this block and only for the CPU device, gives the kernels 16-float vectors: the products
+    inside this block and only for the CPU device (hooks.py, with generic_split.py's cut of
+    tinygrad's own kernels across the cores), gives the kernels 16-float vectors: the products
     ~1.4x faster. The 512-bit request is made only for the CPU device and only when ``DEV`` names
     no renderer or arch for it (a choice of yours is left as it is). Everything is restored on
     leaving the block. tinygrad's SPEC is 0 inside it unless you set SPEC: its default, 1,
@@ -120,5 +121,5 @@ def compile_context(device: str, cores: int | None = None):
     if device == "CPU" and not any(t.renderer or t.arch for t in cpu) and has_avx512():
         wide = Target("CPU", "CLANG", "x86_64,native,prefer-vector-width=512")
         settings["DEV"] = [wide] + [t for t in DEV.value if t not in cpu]  # other devices' targets kept
-    with Context(**settings), (wide_vectors.active() if device == "CPU" else contextlib.nullcontext()):
+    with Context(**settings), (hooks.active(num_cpu_threads()) if device == "CPU" else contextlib.nullcontext()):
         yield

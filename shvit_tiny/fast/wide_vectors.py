@@ -18,17 +18,13 @@ on tinygrad's CPU device; every other kernel, and every other device, is left to
 page-aligned mmaps and its memory planner places buffers at multiples of 256 bytes, and the
 offset is checked to be a multiple of n floats, so every merged access is aligned.
 
-The hook is tinygrad's ``memory_coalescing`` as ``tinygrad.codegen`` calls it, wrapped only inside
-``active()`` (target.compile_context enters it while the fast path compiles) and restored on
-leaving it: a tinygrad program of yours in the same process is never compiled with it. tinygrad's
-compile workers (spawned processes that lower kernels in parallel when there are cores to spare)
-start with the pass inside the block, and a pool started there is closed on leaving it. With any
-tinygrad other than 0.14.0 nothing is wrapped and the kernels keep tinygrad's own 4-float vectors
-(the same answers, slower).
+The hook is tinygrad's ``memory_coalescing`` as ``tinygrad.codegen`` calls it, wrapped (``wrapped``)
+only while the fast path compiles (hooks.py: a tinygrad program of yours in the same process is
+never compiled with it). With any tinygrad other than 0.14.0 nothing is wrapped and the kernels
+keep tinygrad's own 4-float vectors (the same answers, slower).
 """
 from __future__ import annotations
 
-import contextlib
 from collections import defaultdict
 
 KERNEL_PREFIXES = ("gemm", "conv", "dw", "attend")
@@ -109,8 +105,9 @@ def vector_width(ren) -> int:
     return 16 if "prefer-vector-width=512" in (ren.target.arch or "") else 8
 
 
-def _wrapped(coalesce):
-    """tinygrad's grouping pass, then this one for this package's kernels on the CPU device."""
+def wrapped(coalesce):
+    """tinygrad's grouping pass (``tinygrad.codegen.memory_coalescing``), then this one for this
+    package's kernels on the CPU device (hooks.py installs it while the fast path compiles)."""
 
     def memory_coalescing(sink, ren):
         out = coalesce(sink, ren)
@@ -121,53 +118,3 @@ def _wrapped(coalesce):
 
     memory_coalescing.shvit_wide = True
     return memory_coalescing
-
-
-_saved: tuple | None = None  # tinygrad's own (memory_coalescing, worker start-up) while active
-_depth = 0
-
-
-def pinned() -> bool:
-    from . import PINNED, tinygrad_version
-
-    return tinygrad_version() == PINNED
-
-
-@contextlib.contextmanager
-def active():
-    """Inside this block (nestable) tinygrad compiles with the widening pass; outside, as shipped.
-    Yields whether the pass is on (False on another tinygrad)."""
-    global _depth, _saved
-    import tinygrad.codegen as codegen
-    from tinygrad.engine import worker
-
-    if _depth == 0:
-        if not pinned() or getattr(codegen, "memory_coalescing", None) is None:
-            yield False
-            return
-        _saved = (codegen.memory_coalescing, worker._init_worker)
-        codegen.memory_coalescing = _wrapped(_saved[0])
-        worker._init_worker = init_worker
-        if worker.worker_pool is not None:  # started without the pass: the next one starts with it
-            worker.terminate_worker_pool()
-    _depth += 1
-    try:
-        yield True
-    finally:
-        _depth -= 1
-        if _depth == 0:
-            codegen.memory_coalescing, worker._init_worker = _saved
-            _saved = None
-            if worker.worker_pool is not None:  # its workers have the pass: none of them serves you
-                worker.terminate_worker_pool()
-
-
-def init_worker() -> None:
-    """A compile worker's start (in the spawned process, which unpickles this function and so
-    imports this module): tinygrad's own set-up, then the pass, for the worker's whole life (the
-    pool is closed when the block that started it ends)."""
-    import tinygrad.codegen as codegen
-    from tinygrad.engine import worker
-
-    worker._init_worker()  # a fresh process: this is tinygrad's own
-    codegen.memory_coalescing = _wrapped(codegen.memory_coalescing)
