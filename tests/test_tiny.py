@@ -104,7 +104,8 @@ def test_fuse_in_tinygrad_equals_folding_on_the_host(small):
 
 def test_cpu_replay_is_the_jits_own_answer(tiny_cpu, monkeypatch):
     """fast/replay.py: from a shape's second call on, numpy batches on the CPU device run the
-    capture as flat C calls; bit for bit TinyJit's replay, for new inputs (not the last output again)."""
+    capture as flat C calls; bit for bit TinyJit's replay, for new inputs (not the last output again),
+    whether the kernels read the batch in place or a copy of it (then pointed back at their buffer)."""
     from shvit_tiny.fast.replay import CpuReplay, cpu_replay
 
     tiny_cpu(X)
@@ -116,6 +117,17 @@ def test_cpu_replay_is_the_jits_own_answer(tiny_cpu, monkeypatch):
         y = tiny_cpu(x)
         np.testing.assert_array_equal(y, jit(Tensor(x, device="CPU").realize()).numpy(), err_msg=f"seed {seed}")
         assert not np.array_equal(y, tiny_cpu(X))
+    # the batch is read where it lies (no copy in) when aligned as the kernels reading it declare, else copied
+    x = np.random.default_rng(3).standard_normal(X.shape).astype(np.float32)
+    kept, want = x.copy(), jit(Tensor(x, device="CPU").realize()).numpy()
+    assert replay.in_slots and replay.in_align in (4, 16, 32, 64)
+    np.testing.assert_array_equal(tiny_cpu(x), want, err_msg="read in place")
+    assert replay.reading == x.ctypes.data and np.array_equal(x, kept), "not read in place, or written"
+    shifted = np.empty(x.size + 1, np.float32)[1:].reshape(x.shape)  # one float off the array's alignment
+    shifted[:] = x
+    monkeypatch.setattr(replay, "in_align", max(replay.in_align, 8))
+    np.testing.assert_array_equal(tiny_cpu(shifted), want, err_msg="copied in after a call read in place")
+    assert replay.reading == replay.in_addr
     monkeypatch.setenv("SHVIT_REPLAY", "0")
     assert cpu_replay(jit, "CPU", X.shape, tiny_cpu.dtype) is None
 
