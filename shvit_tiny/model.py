@@ -145,8 +145,8 @@ class SHViT(Module):
         ``jit``: capture each input shape once with TinyJit and replay it (False: the lazy graph)."""
         if isinstance(x, Tensor):
             check_input(x.shape, np.dtype(x.dtype.fmt).name if x.dtype.fmt else str(x.dtype), self.config.in_chans)
-        else:
-            check_array(x, self.config.in_chans)
+        else:  # finiteness checked on the way where the fast path's replay does it (fast/replay.py)
+            check_array(x, self.config.in_chans, finite=not fast.checks_finite(self, x))
         with self._calling:  # two threads' batches in one input buffer would answer one of them twice
             return self._call(x, jit)
 

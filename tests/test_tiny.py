@@ -17,6 +17,7 @@ from tinygrad import Tensor
 import shvit_tiny
 import shvit_torch
 from shvit_numpy.config import SHViTConfig
+from shvit_numpy.errors import ShvitError
 from shvit_tiny import run
 from shvit_tiny.devices import available_devices, cl_is_cpu, resolve_device
 from tests.helpers import TOL, assert_close, random_model_file, randomize
@@ -105,7 +106,8 @@ def test_fuse_in_tinygrad_equals_folding_on_the_host(small):
 def test_cpu_replay_is_the_jits_own_answer(tiny_cpu, monkeypatch):
     """fast/replay.py: from a shape's second call on, numpy batches on the CPU device run the
     capture as flat C calls; bit for bit TinyJit's replay, for new inputs (not the last output again),
-    whether the kernels read the batch in place or a copy of it (then pointed back at their buffer)."""
+    whether the kernels read the batch in place or a copy of it (then pointed back at their buffer);
+    a batch with a NaN or an infinity anywhere is refused as the numpy check would refuse it."""
     from shvit_tiny.fast.replay import CpuReplay, cpu_replay
 
     tiny_cpu(X)
@@ -128,6 +130,14 @@ def test_cpu_replay_is_the_jits_own_answer(tiny_cpu, monkeypatch):
     monkeypatch.setattr(replay, "in_align", max(replay.in_align, 8))
     np.testing.assert_array_equal(tiny_cpu(shifted), want, err_msg="copied in after a call read in place")
     assert replay.reading == replay.in_addr
+    # the batch's finiteness checked by the replay itself (pool.c, with the kernels): any element, any slice
+    assert replay.checks_finite() and shvit_tiny.fast.checks_finite(tiny_cpu, x)
+    for value, at in ((np.nan, 0), (np.inf, x.size // 2 + 1), (-np.inf, x.size - 1)):
+        bad = x.copy()
+        bad.reshape(-1)[at] = value
+        with pytest.raises(ShvitError, match="input holds NaN or infinite values, expected finite numbers"):
+            tiny_cpu(bad)
+    np.testing.assert_array_equal(tiny_cpu(x), want, err_msg="after a batch refused")
     monkeypatch.setenv("SHVIT_REPLAY", "0")
     assert cpu_replay(jit, "CPU", X.shape, tiny_cpu.dtype) is None
 

@@ -72,6 +72,14 @@ def applies(model) -> bool:
     return model.use_fast and enabled()
 
 
+def checks_finite(model, x) -> bool:
+    """Whether ``model(x)`` checks the numpy batch ``x`` is finite itself, on the way (a replay
+    of x's shape on pool.c), so the caller need not."""
+    runner = model.runner if applies(model) else None
+    replay = runner.replays.get(x.shape) if runner is not None else None
+    return replay is not None and replay.checks_finite()
+
+
 def run(model, x, jit: bool = True):
     """``model(x)`` on the fast path: numpy in, numpy out; a Tensor in, a Tensor out."""
     from .runner import Runner

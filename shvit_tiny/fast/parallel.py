@@ -89,6 +89,13 @@ def library() -> ctypes.CDLL | None:
     return lib
 
 
+def finite_check(slices: int, flag) -> tuple:
+    """pool.c's finiteness kernel as a call (kernel address, slices, core argument, arguments):
+    arguments batch address (0 here: set per call), float count (idem), ``flag``'s address, slices."""
+    fxn = ctypes.cast(library().shvit_nonfinite, ctypes.c_void_p).value
+    return fxn, slices, 4, (0, 0, ctypes.addressof(flag), slices, 0)
+
+
 def _load(cc: str, path: Path) -> ctypes.CDLL:
     if not path.exists():
         build(cc, path)

@@ -86,6 +86,18 @@ static void *work(void *arg) {
   }
 }
 
+/* A batch's finiteness, as a kernel replay.py puts first in the list of calls, cut into slices
+   like the others: slice `core` of `slices` looks at its part of the n floats at x and sets *flag
+   where one is a NaN or an infinity (its exponent bits all ones). One pass over the batch, on
+   every core, instead of numpy's isfinite before the call (~1.5 ms of an S1 batch of 16). */
+void shvit_nonfinite(uint64_t x, uint64_t n, uint64_t flag, uint64_t slices, uint64_t core) {
+  const uint32_t *v = (const uint32_t *)(uintptr_t)x;
+  uint32_t bad = 0;
+  for (uint64_t i = n * core / slices, hi = n * (core + 1) / slices; i < hi; i++)
+    bad |= (v[i] & 0x7f800000u) == 0x7f800000u;
+  if (bad) *(volatile int32_t *)(uintptr_t)flag = 1;
+}
+
 pool_t *pool_new(int threads) {
   pool_t *p = calloc(1, sizeof *p);
   if (p == NULL) return NULL;

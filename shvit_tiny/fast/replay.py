@@ -31,6 +31,8 @@ import re
 
 import numpy as np
 
+from shvit_numpy.checks import check_finite
+
 from . import PINNED, parallel, tinygrad_version
 
 
@@ -58,8 +60,20 @@ class CpuReplay:
     # (~0.1 s of clang).
     @functools.cached_property
     def array(self):
-        """The calls as pool.c's array, or None without pool.c."""
-        return parallel.calls_array(self.kernels) if parallel.library() is not None else None
+        """The calls as pool.c's array, or None without pool.c: first pool.c's check that the
+        batch is finite (its slices on every thread), then the kernels."""
+        if parallel.library() is None:
+            return None
+        self.nonfinite = ctypes.c_int32(0)  # set by the check
+        check = parallel.finite_check(self.threads * 4 if self.threads > 1 else 1, self.nonfinite)
+        array = parallel.calls_array([check, *self.kernels])
+        array[0].args[0], array[0].args[1] = self.reading, int(np.prod(self.in_shape))
+        return array
+
+    def checks_finite(self) -> bool:
+        """Whether a call checks its batch is finite itself (pool.c's check, run with the kernels):
+        then the caller need not (shvit_numpy.checks.check_array's ``finite``)."""
+        return self.array is not None
 
     @functools.cached_property
     def calls(self) -> list | None:
@@ -74,7 +88,9 @@ class CpuReplay:
         if not in_place:
             ctypes.memmove(self.in_addr, x.ctypes.data, x.nbytes)
         if self.array is not None:
-            parallel.pool(self.threads).run(self.array, len(self.kernels))
+            self.nonfinite.value = 0
+            parallel.pool(self.threads).run(self.array, len(self.array))
+            check_finite(not self.nonfinite.value)  # the kernels ran on it, and their answer is dropped
         else:
             for fxn, args in self.calls:
                 fxn(*args)
@@ -87,7 +103,8 @@ class CpuReplay:
         """Point the input's readers (pool.c's calls) at ``addr``: the caller's batch, or the capture's buffer."""
         if addr != self.reading:
             for i, j in self.in_slots:
-                self.array[i].args[j] = addr
+                self.array[1 + i].args[j] = addr  # after the finiteness check, which reads it too
+            self.array[0].args[0] = addr
             self.reading = addr
 
 
