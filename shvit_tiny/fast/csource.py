@@ -101,11 +101,15 @@ def zero(vw: int) -> str:
 
 
 def slice_bounds(name: str, size: int, where: tuple[int, int] | None, r: int) -> str:
-    """``name_lo``/``name_hi``: the whole range, or this core's block of it when the split is on range ``r``."""
+    """``name_lo``/``name_hi``: the whole range, or this core's block of it when the split is on range ``r``.
+    64-bit (``long``, and the loops over them): with 32-bit bounds that depend on ``core`` clang
+    could not rule out overflow in the index arithmetic and computed the stem's tap addresses in
+    vector registers, extracting each (vpextr): its split convolutions ran 1.4-1.8x slower than
+    whole ones, slice for slice (S1 at batch 16 on two cores: 34.7-36.3 -> 32.9-33.3 ms)."""
     if where is not None and where[0] == r:
         per = size // where[1]
-        return f"  const int {name}_lo = core * {per}, {name}_hi = {name}_lo + {per};\n"
-    return f"  const int {name}_lo = 0, {name}_hi = {size};\n"
+        return f"  const long {name}_lo = core * {per}, {name}_hi = {name}_lo + {per};\n"
+    return f"  const long {name}_lo = 0, {name}_hi = {size};\n"
 
 
 def signature(name: str, n_buffers: int, split: bool) -> str:
@@ -167,7 +171,7 @@ def gemm_kernel_c(C: UOp, A: UOp, B: UOp, bias: UOp, *res: UOp, relu: bool = Fal
     ri, rjo = (1, 0) if outer else (0, 1)
     f = vtype(vw)
     at = f" + {first}" if first else ""  # a part's rows start at its first
-    loops = {"i": f"  for (int i = i_lo{at}; i < i_hi{at}; i += {tile_rows})\n", "jo": "  for (int jo = jo_lo; jo < jo_hi; jo++)\n"}
+    loops = {"i": f"  for (long i = i_lo{at}; i < i_hi{at}; i += {tile_rows})\n", "jo": "  for (long jo = jo_lo; jo < jo_hi; jo++)\n"}
     s = prelude(vw) + "KERNEL( {\n" + slice_bounds("i", M, where, ri) + slice_bounds("jo", N // P, where, rjo)
     s += "".join(loops[x] for x in (("jo", "i") if outer else ("i", "jo")))
     s += f"  for (int jt = 0; jt < {P}; jt += {T}) {{\n"
@@ -193,7 +197,7 @@ def attend_kernel_c(O: UOp, A: UOp, QKV: UOp, offset: int) -> UOp:
     rows, where, T = plan.rows, plan.where, math.prod(plan.channels)
     vw, nv = lanes(T)
     s = prelude(vw) + "KERNEL( {\n" + slice_bounds("b", Bt, where, 0) + slice_bounds("i", N, where, 1)
-    s += f"  for (int b = b_lo; b < b_hi; b++)\n  for (int i = i_lo; i < i_hi; i += {rows})\n"
+    s += f"  for (long b = b_lo; b < b_hi; b++)\n  for (long i = i_lo; i < i_hi; i += {rows})\n"
     s += f"  for (int c = 0; c < {P}; c += {T}) {{\n"
     s += f"    const float *a = d1 + (b * {N} + i) * {N}, *val = d2 + b * {N * D} + {offset} + c;\n"
     s += register_tile("o", vw, rows, nv, "j", N, lambda v: f"val + j * {D} + {v * vw}", lambda r: f"a[{r * N} + j]")
@@ -216,7 +220,7 @@ def conv_kernel_c(O: UOp, X: UOp, Wm: UOp, bias: UOp, k: int, stride: int, paddi
     vw, nv = lanes(T)
     f = vtype(vw)
     s = prelude(vw) + "KERNEL( {\n" + slice_bounds("b", B, where, 0) + slice_bounds("y", Ho, where, 1)
-    s += (f"  for (int b = b_lo; b < b_hi; b++)\n  for (int y = y_lo; y < y_hi; y += {ty})\n"
+    s += (f"  for (long b = b_lo; b < b_hi; b++)\n  for (long y = y_lo; y < y_hi; y += {ty})\n"
           f"  for (int x = 0; x < {Wo}; x += {tx})\n  for (int nn = 0; nn < {N}; nn += {T}) {{\n")
     pix = [(py, px) for py in range(ty) for px in range(tx)]
     s += "".join(f"    {f} o{py}_{px}_{v} = {zero(vw)};\n" for py, px in pix for v in range(nv))
@@ -275,7 +279,7 @@ def depthwise_kernel_c(O: UOp, X: UOp, Wt: UOp, bias: UOp, k: int, stride: int, 
     vw, nv = lanes(T)
     f = vtype(vw)
     s = prelude(vw) + "KERNEL( {\n" + slice_bounds("b", B, where, 0) + slice_bounds("y", Ho, where, 1)
-    s += (f"  for (int b = b_lo; b < b_hi; b++)\n  for (int y = y_lo; y < y_hi; y++)\n"
+    s += (f"  for (long b = b_lo; b < b_hi; b++)\n  for (long y = y_lo; y < y_hi; y++)\n"
           f"  for (int x = 0; x < {Wo}; x++)\n  for (int c = 0; c < {C}; c += {T}) {{\n")
     s += "".join(f"    {f} o{v} = {load(vw, f'd3 + c + {v * vw}')};\n" for v in range(nv))
     for ky in range(k):
