@@ -8,9 +8,11 @@ one is not. Areas (all by default):
 * ``torch``, ``numpy``, ``tiny`` (and ``fast``, shvit_tiny's CPU kernels): in each runtime, the wrong attention scale, one residual
   connection dropped, q and k swapped, against tests/test_equivalence.py;
 * ``threads``: the thread pool skipping a slice or losing the core id, against the split test
-  of tests/test_tiny.py;
+  of tests/test_tiny.py; the replay's finiteness check skipping a float of each slice, and the
+  kernels reading the batch from a stale address, against its replay test;
 * ``csource``: the kernels written as C reading the residual at the wrong width, skipping a step
-  of a sum, overlapping core slices, shifting taps, against their twin test in tests/test_fast.py;
+  of a sum, overlapping core slices, shifting taps, shifting the rows of a product's second part,
+  against their twin test in tests/test_fast.py;
 * ``names``, ``preprocess``, ``readers``, ``float16``, ``training``: the edges of issue 23
   (the authors' names, image preprocessing, the ``.pth`` reader, tinygrad's float16 choices, the
   training step), against the tests that check them on independent references (tests/test_edges.py)
@@ -52,6 +54,7 @@ def edges(*names: str) -> tuple:
 
 SPLIT = ("tests/test_tiny.py::test_kernels_split_across_cores_answer_bit_for_bit_as_one_core",)
 TWINS = ("tests/test_fast.py::test_c_kernels_answer_bit_for_bit_as_tinygrad_lowers_the_uop_kernels",)
+REPLAY = ("tests/test_tiny.py::test_cpu_replay_is_the_jits_own_answer",)
 AUTHORS = edges("test_authors_keys_map_name_by_name_and_shape_by_shape",
                 "test_authors_file_gives_the_logits_of_a_forward_by_the_authors_names")
 PIXELS = edges("test_preprocessing_is_torchvisions_pixel_for_pixel")
@@ -78,12 +81,18 @@ BUGS = [
         "c.fxn, c.slices, c.core_arg = addr, max(1, slices - 1), core_arg", SPLIT),
     Bug("threads", "core id not passed", "shvit_tiny/fast/pool.c", "if (c->core_arg >= 0) a[c->core_arg] = (uint64_t)core;",
         "(void)core;", SPLIT),
+    Bug("threads", "finiteness check skips each slice's last float", "shvit_tiny/fast/pool.c",
+        "i < hi; i++)\n    bad |=", "i + 1 < hi; i++)\n    bad |=", REPLAY),
+    Bug("threads", "batch read in place from a stale address", "shvit_tiny/fast/replay.py",
+        "self.array[1 + i].args[j] = addr", "self.array[1 + i].args[j] = self.in_addr", REPLAY),
     Bug("csource", "residual read at the padded row width", "shvit_tiny/fast/csource.py",
         "for width in (N, n))", "for width in (N, N))", TWINS),
     Bug("csource", "last step of each product's sum skipped", "shvit_tiny/fast/csource.py",
         'for (int {k} = 0; {k} < {K}; {k}++)', 'for (int {k} = 0; {k} < {K - 1}; {k}++)', TWINS),
     Bug("csource", "core slices overlap", "shvit_tiny/fast/csource.py",
-        'const int {name}_lo = core * {per}', 'const int {name}_lo = core * {max(1, per - 1)}', TWINS),
+        'const long {name}_lo = core * {per}', 'const long {name}_lo = core * {max(1, per - 1)}', TWINS),
+    Bug("csource", "rows after the 14-row part shifted by one", "shvit_tiny/fast/csource.py",
+        'at = f" + {first}" if first else ""', 'at = f" + {first - 1}" if first else ""', TWINS),
     Bug("csource", "depthwise taps shifted", "shvit_tiny/fast/csource.py",
         "ix = {stride} * x + {kx - padding}", "ix = {stride} * x + {kx - padding + 1}", TWINS),
     # -- the authors' names: mistakes consistent in both directions pass a round trip -----------
