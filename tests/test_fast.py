@@ -200,7 +200,7 @@ def test_no_compile_pool_of_one(monkeypatch):
 
 def twin_cases(rng):
     """One call per branch of csource.py (name, function of nothing -> the output Tensor): products
-    8 x 32 tiles, 16 rows, 7 rows, the 14-row part and the rest (AVX-512: 64 = 56 + 8, 49 = 42 + 7, 32 = 28 + 4), a residual with padded columns (with and without ReLU),
+    8 x 32 tiles, 16 rows, 7 rows, 96 rows (weights not prefetched), the 14-row part and the rest (AVX-512: 64 = 56 + 8, 49 = 42 + 7, 32 = 28 + 4), a residual with padded columns (with and without ReLU),
     columns outside rows, 4-float and scalar tiles; attention's sum with values at an unaligned
     offset; dense convolutions channels-first with a frame out, framed in, zero-padded at stride 1
     and 2 with 3-float-vector tiles; depthwise 16- and 4-channel tiles at stride 1 and 2."""
@@ -239,6 +239,7 @@ def twin_cases(rng):
         return lambda: window_kernel(depthwise_kernel, T(x), T(w), T(b), c, 3, stride, 1, True)
 
     return [("gemm 64 rows, relu + residual, split by rows", gemm(64, 64, 64, True, True)),
+            ("gemm 96 rows, weights not prefetched", gemm(96, 24, 32, False, True)),
             ("gemm 16 rows", gemm(16, 40, 64, False, False)),
             ("gemm 49 rows, 44 columns padded, residual", gemm(49, 20, 44, False, True)),
             ("gemm 24 rows, 44 columns padded, relu + residual", gemm(24, 20, 44, True, True)),
@@ -262,7 +263,7 @@ def test_c_kernels_answer_bit_for_bit_as_tinygrad_lowers_the_uop_kernels(monkeyp
 
     from shvit_tiny.fast import csource
 
-    slices = []
+    slices, prefetched = [], []
     for name, run in twin_cases(np.random.default_rng(0)):
         answers = []
         for flag in ("1", "0"):
@@ -271,7 +272,11 @@ def test_c_kernels_answer_bit_for_bit_as_tinygrad_lowers_the_uop_kernels(monkeyp
                 assert csource.applies() == (flag == "1")
                 out = run()
                 if flag == "1":  # csource's PROGRAM (with its C SOURCE) is in the graph, not a SINK to lower
-                    slices += [u.arg.global_size[0] for u in out.uop.toposort() if u.op is Ops.PROGRAM]
+                    programs = [u for u in out.uop.toposort() if u.op is Ops.PROGRAM]
+                    slices += [u.arg.global_size[0] for u in programs]
+                    prefetched += [(u.arg.name, "__builtin_prefetch" in u.src[2].arg) for u in programs if u.arg.name.startswith("gemm")]
                 answers.append(out.numpy())
         np.testing.assert_array_equal(answers[0], answers[1], err_msg=name)
     assert len(slices) >= 14 and 1 in slices and 8 in slices and 2 in slices, slices
+    # the weights are prefetched where a product has few rows (kernels.weight_prefetch), not elsewhere
+    assert all(hint == (int(name.split("_")[1]) <= 64) for name, hint in prefetched) and len(prefetched) > 8, prefetched

@@ -134,14 +134,17 @@ def program(name: str, body: str, params: tuple[UOp, ...], where, estimates: Est
     return UOp(Ops.PROGRAM, src=(sink, UOp(Ops.LINEAR, src=(*bufs, *core)), UOp(Ops.SOURCE, arg=src)), arg=info)
 
 
-def register_tile(acc: str, vw: int, rows: int, nv: int, k: str, K: int, column, row) -> str:
+def register_tile(acc: str, vw: int, rows: int, nv: int, k: str, K: int, column, row, prefetch: int = 0) -> str:
     """A product's sum over ``k`` < K into a register tile of ``rows`` x ``nv`` vectors, named
     ``acc{r}_{v}``: from 0, + row(r) * column(v) for k = 0, 1, ... in order. ``column(v)``: the
     address of vector v's floats at this k (one load a step, shared by the rows); ``row(r)``: row
-    r's one float at this k (broadcast over the vector)."""
+    r's one float at this k (broadcast over the vector). ``prefetch``: the columns' cache lines
+    ``prefetch`` steps ahead asked for each step (kernels.weight_prefetch; no value changes)."""
     f = vtype(vw)
     s = "".join(f"    {f} {acc}{r}_{v} = {zero(vw)};\n" for r in range(rows) for v in range(nv))
     s += f"    for (int {k} = 0; {k} < {K}; {k}++) {{\n"
+    ahead = column(0).replace(f"{k} ", f"({k} + {prefetch}) ", 1)  # the first vector's address, that many steps on
+    s += "".join(f"      __builtin_prefetch({ahead} + {16 * line});\n" for line in range(max(1, vw * nv // 16)) if prefetch)
     s += "".join(f"      const {f} w{v} = {load(vw, column(v))};\n" for v in range(nv))
     s += "".join(f"      const float x{r} = {row(r)};\n" for r in range(rows))
     s += "".join(f"      {acc}{r}_{v} = {acc}{r}_{v} + x{r} * w{v};\n" for r in range(rows) for v in range(nv))
@@ -176,7 +179,8 @@ def gemm_kernel_c(C: UOp, A: UOp, B: UOp, bias: UOp, *res: UOp, relu: bool = Fal
     s += "".join(loops[x] for x in (("jo", "i") if outer else ("i", "jo")))
     s += f"  for (int jt = 0; jt < {P}; jt += {T}) {{\n"
     s += f"    const float *a = d1 + i * {K}, *b = d2 + jo * {K * P} + jt;\n    const int j = jo * {P} + jt;\n"
-    s += register_tile("c", vw, tile_rows, nv, "k", K, lambda v: f"b + k * {P} + {v * vw}", lambda r: f"a[{r * K} + k]")
+    s += register_tile("c", vw, tile_rows, nv, "k", K, lambda v: f"b + k * {P} + {v * vw}", lambda r: f"a[{r * K} + k]",
+                       plan.prefetch)
     s += "".join(f"    const {f} bias{v} = {load(vw, f'd3 + j + {v * vw}')};\n" for v in range(nv))
     for r in range(tile_rows):
         for v in range(nv):
