@@ -54,6 +54,7 @@ class CpuReplay:
         self.threads = threads
         self.in_slots, self.in_align = in_slots, in_align  # (kernel, argument) holding in_addr; 0: always copy
         self.reading = in_addr  # where those arguments point now
+        self.nonfinite = ctypes.c_int32(0)  # set by pool.c's finiteness check (float32 batches)
 
     # Made on first use, not with the replay: a process that answers once (a capture just
     # compiled; its replay made for a second call that never comes) then never builds pool.c
@@ -64,16 +65,16 @@ class CpuReplay:
         batch is finite (its slices on every thread), then the kernels."""
         if parallel.library() is None:
             return None
-        self.nonfinite = ctypes.c_int32(0)  # set by the check
-        check = parallel.finite_check(self.threads * 4 if self.threads > 1 else 1, self.nonfinite)
+        slices, floats = (self.threads * 4 if self.threads > 1 else 1), int(np.prod(self.in_shape))
+        check = parallel.finite_check(slices, self.nonfinite)
         array = parallel.calls_array([check, *self.kernels])
-        array[0].args[0], array[0].args[1] = self.reading, int(np.prod(self.in_shape))
+        array[0].args[0], array[0].args[1] = self.reading, floats if self.in_dtype == np.float32 else 0  # else: numpy's
         return array
 
     def checks_finite(self) -> bool:
         """Whether a call checks its batch is finite itself (pool.c's check, run with the kernels):
         then the caller need not (shvit_numpy.checks.check_array's ``finite``)."""
-        return self.array is not None
+        return self.array is not None and self.in_dtype == np.float32
 
     @functools.cached_property
     def calls(self) -> list | None:
@@ -97,7 +98,6 @@ class CpuReplay:
         out = np.empty(self.out_shape, self.out_dtype)
         ctypes.memmove(out.ctypes.data, self.out_addr, out.nbytes)
         return out
-
 
     def read_from(self, addr: int) -> None:
         """Point the input's readers (pool.c's calls) at ``addr``: the caller's batch, or the capture's buffer."""
