@@ -9,6 +9,10 @@ same loops, register tiles and slices across cores (kernels.py's ``*_plan``, whi
 kernels follow too) and order of every sum, and hands it to tinygrad as a program ready
 to compile (a PROGRAM holding its SOURCE): clang alone takes ~0.1 s a kernel.
 
+Two things are added to what tinygrad renders, neither changing a value: a cut kernel's bounds
+are 64-bit (``slice_bounds``), and the products of few rows ask for their weights ahead of the sum
+(``register_tile``'s prefetch, kernels.weight_prefetch).
+
 Same answers, bit for bit: each output element is the same sum in the same order (0, then
 + a*b for k = 0, 1, ...; clang fuses each multiply-add into one FMA in both), then bias, ReLU and
 residual as kernels.kernel_epilogue orders them. tests/test_fast.py checks every kernel kind
