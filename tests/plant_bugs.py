@@ -92,7 +92,7 @@ BUGS = [
     Bug("csource", "core slices overlap", "shvit_tiny/fast/csource.py",
         'const long {name}_lo = core * {per}', 'const long {name}_lo = core * {max(1, per - 1)}', TWINS),
     Bug("csource", "rows after the 14-row part shifted by one", "shvit_tiny/fast/csource.py",
-        'at = f" + {first}" if first else ""', 'at = f" + {first - 1}" if first else ""', TWINS),
+        'row0 = f" + {first}" if first else ""', 'row0 = f" + {first - 1}" if first else ""', TWINS),
     Bug("csource", "depthwise taps shifted", "shvit_tiny/fast/csource.py",
         "ix = {stride} * x + {kx - padding}", "ix = {stride} * x + {kx - padding + 1}", TWINS),
     # -- the authors' names: mistakes consistent in both directions pass a round trip -----------

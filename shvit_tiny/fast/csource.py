@@ -177,8 +177,8 @@ def gemm_kernel_c(C: UOp, A: UOp, B: UOp, bias: UOp, *res: UOp, relu: bool = Fal
     vw, nv = lanes(T)
     ri, rjo = (1, 0) if outer else (0, 1)
     f = vtype(vw)
-    at = f" + {first}" if first else ""  # a part's rows start at its first
-    loops = {"i": f"  for (long i = i_lo{at}; i < i_hi{at}; i += {tile_rows})\n", "jo": "  for (long jo = jo_lo; jo < jo_hi; jo++)\n"}
+    row0 = f" + {first}" if first else ""  # a part's rows start at its first
+    loops = {"i": f"  for (long i = i_lo{row0}; i < i_hi{row0}; i += {tile_rows})\n", "jo": "  for (long jo = jo_lo; jo < jo_hi; jo++)\n"}
     s = prelude(vw) + "KERNEL( {\n" + slice_bounds("i", M, where, ri) + slice_bounds("jo", N // P, where, rjo)
     s += "".join(loops[x] for x in (("jo", "i") if outer else ("i", "jo")))
     s += f"  for (int jt = 0; jt < {P}; jt += {T}) {{\n"
