@@ -146,7 +146,7 @@ class SHViT(Module):
         if isinstance(x, Tensor):
             check_input(x.shape, np.dtype(x.dtype.fmt).name if x.dtype.fmt else str(x.dtype), self.config.in_chans)
         else:  # finiteness checked on the way where the fast path's replay does it (fast/replay.py)
-            check_array(x, self.config.in_chans, finite=not fast.checks_finite(self, x))
+            check_array(x, self.config.in_chans, finite=not fast.checks_finite(self, x, jit))
         with self._calling:  # two threads' batches in one input buffer would answer one of them twice
             return self._call(x, jit)
 

@@ -137,6 +137,8 @@ def test_cpu_replay_is_the_jits_own_answer(tiny_cpu, monkeypatch):
         bad.reshape(-1)[at] = value
         with pytest.raises(ShvitError, match="input holds NaN or infinite values, expected finite numbers"):
             tiny_cpu(bad)
+        with pytest.raises(ShvitError, match="input holds NaN or infinite values"):  # no replay: numpy's check
+            tiny_cpu(bad, jit=False)
     np.testing.assert_array_equal(tiny_cpu(x), want, err_msg="after a batch refused")
     monkeypatch.setenv("SHVIT_REPLAY", "0")
     assert cpu_replay(jit, "CPU", X.shape, tiny_cpu.dtype) is None

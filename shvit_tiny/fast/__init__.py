@@ -72,10 +72,11 @@ def applies(model) -> bool:
     return model.use_fast and enabled()
 
 
-def checks_finite(model, x) -> bool:
-    """Whether ``model(x)`` checks the numpy batch ``x`` is finite itself, on the way (a replay
-    of x's shape on pool.c), so the caller need not."""
-    runner = model.runner if applies(model) else None
+def checks_finite(model, x, jit: bool = True) -> bool:
+    """Whether ``model(x, jit)`` checks the numpy batch ``x`` is finite itself, on the way (a
+    replay of x's shape on pool.c; ``jit=False`` runs the lazy graph, no replay), so the caller
+    need not."""
+    runner = model.runner if jit and applies(model) else None
     replay = runner.replays.get(x.shape) if runner is not None else None
     return replay is not None and replay.checks_finite()
 
